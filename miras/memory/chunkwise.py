@@ -1,0 +1,171 @@
+"""The training path: MONETA's memory over a whole sequence, chunk by chunk in the dual form.
+
+Within a chunk every token's read is one batched contraction (no per-token weights); across
+chunks the accumulators recur. Each chunk step runs under activation checkpointing, so the
+backward keeps only the chunk-boundary accumulators and recomputes the rest of a chunk when
+autograd reaches it: the mixer's activation memory is B*H*(T/b)*2*d_h*m floats, not a multiple
+of the per-chunk intermediates.
+
+Sequences may start inside an open chunk (the state's buffer) and rows may have masked tokens.
+Masked tokens do not advance a row's chunk position: the tokens of each row are compacted to
+the front before chunking, so a left-padded row computes exactly what it computes alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .rule import RuleConfig, anchor_gradients, committed_accumulators, decay_weights, dual_form_read, lq_scale
+from .state import MemoryState
+
+
+def chunk_step(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, rule: RuleConfig):
+    """One chunk: reads for its queries and the accumulators at its end.
+
+    full: (B,) bool or None; rows whose chunk is not full keep their anchor (their open chunk is
+    returned as a buffer by the caller instead of being committed).
+    """
+    channelwise = eta.dim() == q.dim()
+    scale1, scale2 = lq_scale(a1, rule), lq_scale(a2, rule)
+    grads = anchor_gradients(k, v, scale1 * a1, scale2 * a2, gamma, beta, rule)
+    cumulative = log_alpha.cumsum(dim=2)
+    weights = decay_weights(cumulative, cumulative, eta, causal, channelwise)
+    query_decay = cumulative.exp()
+    y = dual_form_read(q, a1, a2, scale1, scale2, k, grads, weights, query_decay, gamma, beta, rule)
+    last_weights = weights[:, :, -1]
+    total_decay = query_decay[:, :, -1]
+    new_a1, new_a2 = committed_accumulators(a1, a2, k, grads, last_weights, total_decay)
+    if full is not None:
+        keep = full[:, None, None, None]
+        new_a1 = torch.where(keep, new_a1, a1)
+        new_a2 = torch.where(keep, new_a2, a2)
+    return y, new_a1, new_a2
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # The inner loop runs in fp32 whatever the outer precision (MONETA.md G7); fp64 stays fp64 for tests.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def chunkwise_memory(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eta: torch.Tensor,
+    log_alpha: torch.Tensor,
+    state: MemoryState,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    rule: RuleConfig,
+    mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, MemoryState]:
+    """Memory reads for a segment and the state after it.
+
+    q, k, v: (B, H, T, d_h); eta, log_alpha: (B, H, T) per-head or (B, H, T, d_h) channel-wise;
+    gamma, beta: (H, d_h) LayerNorm affine of the memory; mask: (B, T) bool, False = padding.
+    Returns y (B, H, T, d_h) in the compute dtype (fp32, or fp64 for fp64 inputs) and the new state.
+    """
+    dtype = _compute_dtype(q)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _chunkwise_memory(
+            *(t.to(dtype) for t in (q, k, v, eta, log_alpha)), state, gamma.to(dtype), beta.to(dtype), rule, mask
+        )
+
+
+def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
+    batch, heads, length, head_dim = q.shape
+    b = rule.chunk_size
+    channelwise = eta.dim() == 4
+    if mask is not None:
+        mask = mask.to(torch.bool)
+        gate_mask = mask[:, None, :, None] if channelwise else mask[:, None, :]
+        eta = eta * gate_mask
+        log_alpha = log_alpha * gate_mask
+
+    # 1. The open chunk of the incoming state goes first, its queries unused.
+    valid = mask
+    prefix = 0
+    if bool((state.buffer_len > 0).any()):
+        prefix = b
+        q = torch.cat([torch.zeros_like(state.buffer_k).to(q.dtype), q], dim=2)
+        k = torch.cat([state.buffer_k.to(k.dtype), k], dim=2)
+        v = torch.cat([state.buffer_v.to(v.dtype), v], dim=2)
+        eta = torch.cat([state.buffer_eta.to(eta.dtype), eta], dim=2)
+        log_alpha = torch.cat([state.buffer_log_alpha.to(log_alpha.dtype), log_alpha], dim=2)
+        slots = torch.arange(b, device=q.device)[None, :] < state.buffer_len[:, None]
+        valid = torch.cat([slots, mask if mask is not None else slots.new_ones(batch, length)], dim=1)
+
+    # 2. Compact each row's valid tokens to the front, so chunk boundaries count real tokens only.
+    total = length + prefix
+    order = inverse = lengths = None
+    if valid is not None and not bool(valid.all()):
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
+        inverse = torch.argsort(order, dim=1)
+        lengths = valid.sum(dim=1)
+        q, k, v, eta, log_alpha = (_gather_time(t, order) for t in (q, k, v, eta, log_alpha))
+
+    # 3. Pad to whole chunks with no-op tokens (eta = 0, alpha = 1) and split once.
+    num_chunks = -(-total // b)
+    pad = num_chunks * b - total
+    if pad:
+        q, k, v, eta, log_alpha = (_pad_time(t, pad) for t in (q, k, v, eta, log_alpha))
+    if lengths is None and pad:
+        lengths = torch.full((batch,), total, device=q.device, dtype=torch.long)
+    chunks = [t.split(b, dim=2) for t in (q, k, v, eta, log_alpha)]
+
+    causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()
+    gamma_b = gamma[None, :, None, :]
+    beta_b = beta[None, :, None, :]
+    a1, a2 = state.a1.to(q.dtype), state.a2.to(q.dtype)
+    use_checkpoint = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v, eta, log_alpha, a1, a2, gamma, beta)
+    )
+    outputs = []
+    for n in range(num_chunks):
+        if n and rule.detach_state_every and (n * b) % rule.detach_state_every == 0:
+            a1, a2 = a1.detach(), a2.detach()  # truncated BPTT: outputs unchanged, gradients cut here
+        full = None if lengths is None else (n + 1) * b <= lengths
+        args = (a1, a2, *(c[n] for c in chunks), gamma_b, beta_b, full, causal, rule)
+        if use_checkpoint:
+            y, a1, a2 = checkpoint(chunk_step, *args, use_reentrant=False)
+        else:
+            y, a1, a2 = chunk_step(*args)
+        outputs.append(y)
+    y = torch.cat(outputs, dim=2)
+
+    # 4. The new open chunk: tokens after each row's last full chunk.
+    row_len = lengths if lengths is not None else torch.full((batch,), total, device=q.device, dtype=torch.long)
+    start = (row_len // b) * b
+    slots = torch.arange(b, device=q.device)
+    index = (start[:, None] + slots[None, :]).clamp_max(num_chunks * b - 1)
+    buffer_len = row_len - start
+    keep = slots[None, :] < buffer_len[:, None]
+    buffers = []
+    for t in (k, v, eta, log_alpha):
+        taken = _gather_time(t, index)
+        keep_b = keep[:, None, :, None] if taken.dim() == 4 else keep[:, None, :]
+        buffers.append(taken * keep_b)
+    new_state = MemoryState(a1, a2, *buffers, buffer_len=buffer_len)
+
+    # 5. Outputs back in the caller's order, without the prefix; padding reads are zeroed.
+    y = y[:, :, :total]
+    if inverse is not None:
+        y = _gather_time(y, inverse) * valid[:, None, :, None]
+    return y[:, :, prefix:], new_state
+
+
+def _gather_time(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t[b, h, index[b, i], ...] for (B, H, T[, C]) tensors and a (B, I) index."""
+    idx = index[:, None, :]
+    if t.dim() == 4:
+        idx = idx[..., None].expand(t.shape[0], t.shape[1], index.shape[1], t.shape[3])
+    else:
+        idx = idx.expand(t.shape[0], t.shape[1], index.shape[1])
+    return t.gather(2, idx)
+
+
+def _pad_time(t: torch.Tensor, pad: int) -> torch.Tensor:
+    shape = list(t.shape)
+    shape[2] = pad
+    return torch.cat([t, t.new_zeros(shape)], dim=2)

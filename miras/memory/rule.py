@@ -1,0 +1,192 @@
+"""MONETA's memory rule: the pieces shared by the chunkwise, one-token and reference paths.
+
+Per head the memory is a 2-layer MLP  M(x) = x + LN(W1 · gelu(W2 · x))  with
+W1 (d_h x m) and W2 (m x d_h), m = expansion * d_h. Its weights are never stored directly:
+MONETA keeps accumulators A1, A2 and reads W = A / max(||A||_q, floor)^(q-2)  (MONETA.md §2.3).
+
+Chunk semantics (MONETA.md §3.1-3.2): every token of a chunk takes its inner gradient at the
+anchor (the weights at the chunk start), the accumulators decay by alpha and step by -eta * grad,
+and the l_q normaliser is frozen inside the chunk and recomputed at the chunk end.
+
+Everything here is plain tensor math on (..., tokens, features) tensors. Gates come either
+per head, shape (..., b), or channel-wise over the d_h axis, shape (..., b, d_h): a channel-wise
+gate scales the d_h-axis of both matrices (the rows of A1, which are outputs, and the columns of
+A2, which are inputs), so both reads stay cheap b x b contractions (MONETA.md §3.4; the axis is
+our choice, the paper does not say).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """The fixed hyperparameters of the inner rule (outer parameters travel separately)."""
+
+    p: float = 3.0  # l_p attentional bias
+    q: float = 4.0  # l_q retention
+    chunk_size: int = 64
+    lq_floor: float = 1e-6  # floor tau on ||A||_q before the power (MONETA.md G4)
+    ln_eps: float = 1e-5  # LayerNorm inside the memory
+    smooth_lp: bool | None = None  # None: exact gradient for p >= 2, smooth surrogate for p < 2
+    sign_sharpness: float = 10.0  # sign(e) ~ tanh(a e) in the surrogate (MONETA.md G2)
+    abs_eps: float = 1e-6  # |e| ~ sqrt(e^2 + eps) in the surrogate
+    inner_grad_clamp: float | None = None  # soft clamp on each token's error-gradient norm (G1)
+    detach_state_every: int = 0  # tokens; truncated BPTT inside the op (0 = never)
+
+    @property
+    def uses_surrogate(self) -> bool:
+        return self.p < 2 if self.smooth_lp is None else self.smooth_lp
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x)
+
+
+def gelu_derivative(x: torch.Tensor) -> torch.Tensor:
+    """d/dx [x * Phi(x)] = Phi(x) + x * phi(x), written out so autograd can differentiate it again."""
+    cdf = 0.5 * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + x * pdf
+
+
+def lq_scale(acc: torch.Tensor, rule: RuleConfig) -> torch.Tensor:
+    """1 / max(||A||_q, floor)^(q-2) per matrix (the last two dims), shape (..., 1, 1)."""
+    if rule.q == 2:
+        return torch.ones_like(acc[..., :1, :1])
+    norm = acc.abs().pow(rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
+    return norm.clamp_min(rule.lq_floor).pow(-(rule.q - 2.0))
+
+
+def lp_error_gradient(err: torch.Tensor, rule: RuleConfig) -> torch.Tensor:
+    """d/de sum_i |e_i|^p.
+
+    p >= 2: exact p * sign(e) * |e|^(p-1) (C^1; sign has zero derivative, which is correct here).
+    p < 2 or smooth_lp: p * tanh(a e) * (e^2 + eps)^((p-1)/2), the paper's Remark 5 surrogate.
+    """
+    p = rule.p
+    if rule.uses_surrogate:
+        return p * torch.tanh(rule.sign_sharpness * err) * (err * err + rule.abs_eps).pow(0.5 * (p - 1.0))
+    if p == 2:
+        return 2.0 * err
+    if p == 3:
+        return 3.0 * err * err.abs()
+    return p * torch.sign(err) * err.abs().pow(p - 1.0)
+
+
+def soft_clamp_rows(grad: torch.Tensor, limit: float | None) -> torch.Tensor:
+    """Scale each row to norm limit * tanh(norm / limit): identity for small rows, bounded for large."""
+    if limit is None:
+        return grad
+    norm = grad.norm(dim=-1, keepdim=True)
+    factor = limit * torch.tanh(norm / limit) / norm.clamp_min(1e-12)
+    return grad * torch.where(norm > 1e-12, factor, torch.ones_like(factor))
+
+
+def layer_norm(z: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
+    """LayerNorm over the last dim with per-head affine (gamma, beta broadcast as (..., 1, d_h))."""
+    mean = z.mean(dim=-1, keepdim=True)
+    centred = z - mean
+    std = (centred.pow(2).mean(dim=-1, keepdim=True) + eps).sqrt()
+    z_hat = centred / std
+    return gamma * z_hat + beta, z_hat, std
+
+
+@dataclass
+class AnchorGradients:
+    """Per-token inner gradients at the anchor weights: grad W1_t = gz_t (x) act_t, grad W2_t = gh_t (x) k_t."""
+
+    act: torch.Tensor  # gelu(W2 k), (..., b, m)
+    gz: torch.Tensor  # error vector of W1's output, (..., b, d_h)
+    gh: torch.Tensor  # error vector of W2's output, (..., b, m)
+
+
+def anchor_gradients(k, v, w1, w2, gamma, beta, rule: RuleConfig) -> AnchorGradients:
+    """The hand-written inner backward of l_p(M(k; W), v) (MONETA.md §2.5), batched over tokens."""
+    h = k @ w2.transpose(-1, -2)
+    act = gelu(h)
+    z = act @ w1.transpose(-1, -2)
+    u, z_hat, std = layer_norm(z, gamma, beta, rule.ln_eps)
+    err = k + u - v
+    ge = soft_clamp_rows(lp_error_gradient(err, rule), rule.inner_grad_clamp)
+    g = gamma * ge
+    gz = (g - g.mean(dim=-1, keepdim=True) - z_hat * (g * z_hat).mean(dim=-1, keepdim=True)) / std
+    gh = (gz @ w1) * gelu_derivative(h)
+    return AnchorGradients(act=act, gz=gz, gh=gh)
+
+
+def decay_weights(cum_q: torch.Tensor, cum_k: torch.Tensor, eta: torch.Tensor, causal: torch.Tensor, channelwise: bool):
+    """D[t, j] = exp(c_t - c_j) * eta_j where causal[t, j], else 0, from log-space cumulative decays (G6).
+
+    Per head: cum_q (..., t), cum_k and eta (..., j) -> (..., t, j).
+    Channel-wise: cum_q (..., t, d_h), cum_k and eta (..., j, d_h) -> (..., t, j, d_h).
+    The mask is applied before exp, so a large positive exponent above the diagonal never appears.
+    """
+    if channelwise:
+        diff = cum_q.unsqueeze(-2) - cum_k.unsqueeze(-3)
+        mask = causal.unsqueeze(-1)
+        return torch.exp(diff.masked_fill(~mask, -math.inf)) * eta.unsqueeze(-3)
+    diff = cum_q.unsqueeze(-1) - cum_k.unsqueeze(-2)
+    return torch.exp(diff.masked_fill(~causal, -math.inf)) * eta.unsqueeze(-2)
+
+
+def dual_form_read(
+    queries: torch.Tensor,
+    anchor_a1: torch.Tensor,
+    anchor_a2: torch.Tensor,
+    scale1: torch.Tensor,
+    scale2: torch.Tensor,
+    keys: torch.Tensor,
+    grads: AnchorGradients,
+    weights: torch.Tensor,
+    query_decay: torch.Tensor,
+    gamma: torch.Tensor,
+    beta: torch.Tensor,
+    rule: RuleConfig,
+) -> torch.Tensor:
+    """Read M(q_t; W_t) for each query without materialising per-token weights (MONETA.md §3.2).
+
+    W_t = s * (decay_t * A_anchor - sum_{j<=t} D[t,j] * grad_j), s frozen at the anchor.
+    weights: D, (..., t, j) per head or (..., t, j, d_h) channel-wise. query_decay: exp(c_t),
+    (..., t) or (..., t, d_h).
+    """
+    channelwise = weights.dim() == queries.dim() + 1
+    if channelwise:
+        # A2 is gated on its input (d_h) axis: the decay scales q, D enters the q.k contraction.
+        qk = torch.einsum("...tc,...jc,...tjc->...tj", queries, keys, weights)
+        h = scale2 * ((queries * query_decay) @ anchor_a2.transpose(-1, -2) - qk @ grads.gh)
+        act_q = gelu(h)
+        # A1 is gated on its output (d_h) axis: each output channel has its own decay.
+        aa = act_q @ grads.act.transpose(-1, -2)
+        z = scale1 * (
+            query_decay * (act_q @ anchor_a1.transpose(-1, -2))
+            - torch.einsum("...tj,...tjc,...jc->...tc", aa, weights, grads.gz)
+        )
+    else:
+        decay = query_decay.unsqueeze(-1)
+        h = scale2 * (decay * (queries @ anchor_a2.transpose(-1, -2)) - (weights * (queries @ keys.transpose(-1, -2))) @ grads.gh)
+        act_q = gelu(h)
+        z = scale1 * (decay * (act_q @ anchor_a1.transpose(-1, -2)) - (weights * (act_q @ grads.act.transpose(-1, -2))) @ grads.gz)
+    u, _, _ = layer_norm(z, gamma, beta, rule.ln_eps)
+    return queries + u
+
+
+def committed_accumulators(anchor_a1, anchor_a2, keys, grads: AnchorGradients, last_weights, total_decay):
+    """Accumulators at the chunk end: A = decay_b * A_anchor - sum_j D[b, j] * grad_j.
+
+    last_weights: D[b, :], (..., j) or (..., j, d_h); total_decay: exp(c_b), (...) or (..., d_h).
+    """
+    if last_weights.dim() == keys.dim():  # channel-wise over d_h
+        a2 = anchor_a2 * total_decay.unsqueeze(-2) - grads.gh.transpose(-1, -2) @ (keys * last_weights)
+        a1 = anchor_a1 * total_decay.unsqueeze(-1) - (grads.gz * last_weights).transpose(-1, -2) @ grads.act
+    else:
+        decay = total_decay[..., None, None]
+        w = last_weights.unsqueeze(-1)
+        a2 = decay * anchor_a2 - grads.gh.transpose(-1, -2) @ (keys * w)
+        a1 = decay * anchor_a1 - (grads.gz * w).transpose(-1, -2) @ grads.act
+    return a1, a2

@@ -1,0 +1,58 @@
+"""The recurrent state of one MONETA memory layer, carried between segments and decoding steps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass
+class MemoryState:
+    """Accumulators at the last chunk boundary plus the tokens of the chunk still open.
+
+    a1: (B, H, d_h, m), a2: (B, H, m, d_h): accumulators at the anchor (the last committed boundary).
+    buffer_*: the open chunk's tokens, `chunk_size` slots, the first `buffer_len[b]` of row b valid;
+        empty slots hold eta = 0 and log_alpha = 0, which makes them no-ops in every formula.
+    buffer_act / buffer_gz / buffer_gh: the open chunk's anchor gradients, kept by the one-token
+        decoding step so a new token costs O(chunk) and not O(chunk * d_h * m); None when the
+        state comes from the chunkwise path (the decoding step then derives them once).
+    """
+
+    a1: torch.Tensor
+    a2: torch.Tensor
+    buffer_k: torch.Tensor  # (B, H, b, d_h)
+    buffer_v: torch.Tensor  # (B, H, b, d_h)
+    buffer_eta: torch.Tensor  # (B, H, b) or (B, H, b, d_h)
+    buffer_log_alpha: torch.Tensor  # like buffer_eta
+    buffer_len: torch.Tensor  # (B,) int64
+    buffer_act: torch.Tensor | None = None
+    buffer_gz: torch.Tensor | None = None
+    buffer_gh: torch.Tensor | None = None
+
+    @classmethod
+    def initial(
+        cls, a1_init: torch.Tensor, a2_init: torch.Tensor, batch_size: int, chunk_size: int, channelwise: bool
+    ) -> MemoryState:
+        """The state before any token: the learned initial accumulators (H, ...) broadcast over the batch."""
+        heads, head_dim, _ = a1_init.shape
+        a1 = a1_init.unsqueeze(0).expand(batch_size, *a1_init.shape)
+        a2 = a2_init.unsqueeze(0).expand(batch_size, *a2_init.shape)
+        kw = {"device": a1_init.device, "dtype": torch.float32 if a1_init.dtype != torch.float64 else torch.float64}
+        gate_shape = (batch_size, heads, chunk_size) + ((head_dim,) if channelwise else ())
+        return cls(
+            a1=a1,
+            a2=a2,
+            buffer_k=torch.zeros(batch_size, heads, chunk_size, head_dim, **kw),
+            buffer_v=torch.zeros(batch_size, heads, chunk_size, head_dim, **kw),
+            buffer_eta=torch.zeros(gate_shape, **kw),
+            buffer_log_alpha=torch.zeros(gate_shape, **kw),
+            buffer_len=torch.zeros(batch_size, dtype=torch.long, device=a1_init.device),
+        )
+
+    def map_tensors(self, fn) -> MemoryState:
+        """A copy with fn applied to every tensor field (detach, index_select for beam search, ...)."""
+        return replace(self, **{f.name: fn(v) for f in fields(self) if (v := getattr(self, f.name)) is not None})
+
+    def detach(self) -> MemoryState:
+        return self.map_tensors(torch.Tensor.detach)
