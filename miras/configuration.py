@@ -1,0 +1,150 @@
+"""MonetaConfig and the model-size presets.
+
+Choices MONETA.md leaves open, decided once here (see also README "Model choices"):
+- per-head memory (d_h = hidden_size / num_heads), a 2-layer MLP of width mem_expansion * d_h,
+  exact GELU, residual + LayerNorm with per-head affine parameters learned by the outer loop;
+- the l_q normaliser per matrix per head, frozen inside a chunk (MONETA.md §3.2);
+- gates: eta_t = eta_max * sigmoid(.), alpha_t = sigmoid(.) kept in log space; per-head scalars by
+  default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
+  biases start eta at `eta_init` and alpha at `alpha_init`;
+- the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0);
+- no positional encoding (the causal conv and the recurrence give order), SiLU after the conv,
+  SiLU output gate, tied input/output embeddings, RMSNorm pre-norm blocks with a SwiGLU MLP.
+"""
+
+from __future__ import annotations
+
+try:
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers < 5
+    from transformers import PretrainedConfig as PreTrainedConfig
+
+# name: (hidden_size, num_hidden_layers, num_heads, intermediate_size)
+MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "xs": (256, 4, 4, 688),
+    "s": (768, 12, 16, 2048),
+    "m": (1024, 24, 16, 2816),
+    "l": (1536, 24, 16, 4096),
+    "xl": (2048, 24, 16, 5376),
+}
+
+
+def _default_intermediate_size(hidden_size: int) -> int:
+    """Llama's 8/3 * d rounded up to a multiple of 256."""
+    return -(-int(8 * hidden_size / 3) // 256) * 256
+
+
+class MonetaConfig(PreTrainedConfig):
+    model_type = "moneta"
+    keys_to_ignore_at_inference = ["cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_heads: int = 16,
+        intermediate_size: int | None = None,
+        mem_expansion: int = 4,
+        p: float = 3.0,
+        q: float = 4.0,
+        chunk_size: int = 64,
+        conv_size: int = 4,
+        channelwise_gates: bool = False,
+        gate_rank: int = 32,
+        eta_max: float = 1.0,
+        eta_init: float = 0.1,
+        alpha_init: float = 0.99,
+        lq_floor: float = 1e-6,
+        smooth_lp: bool | None = None,
+        sign_sharpness: float = 10.0,
+        abs_eps: float = 1e-6,
+        inner_grad_clamp: float | None = None,
+        memory_ln_eps: float = 1e-5,
+        detach_state_every: int = 0,
+        norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        use_cache: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_heads = num_heads
+        self.intermediate_size = intermediate_size or _default_intermediate_size(hidden_size)
+        self.mem_expansion = mem_expansion
+        self.p = p
+        self.q = q
+        self.chunk_size = chunk_size
+        self.conv_size = conv_size
+        self.channelwise_gates = channelwise_gates
+        self.gate_rank = gate_rank
+        self.eta_max = eta_max
+        self.eta_init = eta_init
+        self.alpha_init = alpha_init
+        self.lq_floor = lq_floor
+        self.smooth_lp = smooth_lp
+        self.sign_sharpness = sign_sharpness
+        self.abs_eps = abs_eps
+        self.inner_grad_clamp = inner_grad_clamp
+        self.memory_ln_eps = memory_ln_eps
+        self.detach_state_every = detach_state_every
+        self.norm_eps = norm_eps
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self._validate()
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def memory_width(self) -> int:
+        return self.mem_expansion * self.head_dim
+
+    def _validate(self) -> None:
+        def need(ok: bool, field: str, accepted: str) -> None:
+            if not ok:
+                raise ValueError(f"MonetaConfig.{field}={getattr(self, field)!r} is invalid: expected {accepted}")
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "intermediate_size"):
+            need(isinstance(getattr(self, field), int) and getattr(self, field) > 0, field, "a positive integer")
+        need(self.hidden_size % self.num_heads == 0, "hidden_size", f"a multiple of num_heads={self.num_heads}")
+        need(self.p >= 1, "p", "a number >= 1 (l_p attentional bias; the paper uses 3)")
+        need(self.q >= 2, "q", "a number >= 2 (l_q retention; the paper uses 4)")
+        need(isinstance(self.chunk_size, int) and self.chunk_size > 0, "chunk_size", "a positive integer (16 or 64)")
+        need(isinstance(self.conv_size, int) and self.conv_size >= 1, "conv_size", "an integer >= 1")
+        need(isinstance(self.mem_expansion, int) and self.mem_expansion >= 1, "mem_expansion", "an integer >= 1")
+        need(
+            isinstance(self.detach_state_every, int)
+            and self.detach_state_every >= 0
+            and self.detach_state_every % self.chunk_size == 0,
+            "detach_state_every",
+            f"0 (never) or a positive multiple of chunk_size={self.chunk_size}",
+        )
+        need(0 < self.eta_max, "eta_max", "a number > 0")
+        need(0 < self.eta_init < self.eta_max, "eta_init", f"a number in (0, eta_max={self.eta_max})")
+        need(0 < self.alpha_init < 1, "alpha_init", "a number in (0, 1)")
+        need(self.lq_floor > 0, "lq_floor", "a number > 0")
+        need(self.inner_grad_clamp is None or self.inner_grad_clamp > 0, "inner_grad_clamp", "None or a number > 0")
+
+    @classmethod
+    def from_size(cls, size: str, **overrides) -> MonetaConfig:
+        """A preset by name (xs, s, m, l, xl); keyword arguments override any field."""
+        if size not in MODEL_SIZES:
+            raise ValueError(f"unknown model size {size!r}: expected one of {', '.join(MODEL_SIZES)}")
+        hidden, layers, heads, intermediate = MODEL_SIZES[size]
+        fields = dict(hidden_size=hidden, num_hidden_layers=layers, num_heads=heads, intermediate_size=intermediate)
+        fields.update(overrides)
+        return cls(**fields)

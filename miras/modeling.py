@@ -1,0 +1,419 @@
+"""MONETA as a transformers model: mixer, block, MonetaModel, MonetaForCausalLM, MonetaCache.
+
+Read top to bottom: norms and MLP, the cache, the mixer (projections -> causal conv -> gates ->
+memory -> gated per-head norm -> output), the block, then the pretrained wrappers. The memory
+math itself lives in miras.memory; this file only wires it into modules.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration import MonetaConfig
+from .memory import MemoryState, RuleConfig, chunkwise_memory, memory_step
+
+# transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40); older 5.x use
+# `past_key_values`. Both names are accepted everywhere and outputs carry both.
+
+
+class MonetaRMSNorm(nn.Module):
+    def __init__(self, shape, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * x).to(dtype)
+
+
+class MonetaMLP(nn.Module):
+    """SwiGLU feed-forward, as Llama."""
+
+    def __init__(self, config: MonetaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MonetaCache(Cache):
+    """Each layer's recurrent state: the conv tail and the memory state (accumulators + open chunk).
+
+    Its size does not grow with the context: a new token costs the same whatever came before.
+    """
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[])
+        self.conv_states: list[torch.Tensor | None] = [None] * num_layers
+        self.memory_states: list[MemoryState | None] = [None] * num_layers
+        self.seen_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self.memory_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_croppable(self) -> bool:
+        return False  # a recurrent state cannot be rolled back
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("MonetaCache holds a recurrent state and cannot be cropped")
+
+    def reset(self) -> None:
+        self.conv_states = [None] * len(self)
+        self.memory_states = [None] * len(self)
+        self.seen_tokens = 0
+
+    def _map_batch(self, fn) -> None:
+        self.conv_states = [None if c is None else fn(c) for c in self.conv_states]
+        self.memory_states = [None if m is None else m.map_tensors(fn) for m in self.memory_states]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+
+class MonetaMixer(nn.Module):
+    """The token mixer: MONETA's memory in place of attention (MONETA.md §4.2)."""
+
+    def __init__(self, config: MonetaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.head_dim = config.head_dim
+        self.conv_size = config.conv_size
+        self.channelwise = config.channelwise_gates
+        self.eta_max = config.eta_max
+        d, heads, dh, width = config.hidden_size, config.num_heads, config.head_dim, config.memory_width
+        self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
+        self.conv = nn.Conv1d(3 * d, 3 * d, config.conv_size, groups=3 * d, bias=False)
+        if self.channelwise:
+            self.gate_down = nn.Linear(d, 2 * config.gate_rank, bias=False)
+            self.eta_up = nn.Linear(config.gate_rank, d, bias=True)
+            self.alpha_up = nn.Linear(config.gate_rank, d, bias=True)
+        else:
+            self.gate_proj = nn.Linear(d, 2 * heads, bias=True)
+        # Memory: learned initial accumulators and the LayerNorm affine of M(x) = x + LN(W1 gelu(W2 x)).
+        self.memory_a1 = nn.Parameter(torch.empty(heads, dh, width))
+        self.memory_a2 = nn.Parameter(torch.empty(heads, width, dh))
+        self.memory_ln_weight = nn.Parameter(torch.ones(heads, dh))
+        self.memory_ln_bias = nn.Parameter(torch.zeros(heads, dh))
+        self.out_norm = MonetaRMSNorm((heads, dh), config.norm_eps)
+        self.out_gate_proj = nn.Linear(d, d, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.rule = RuleConfig(
+            p=config.p,
+            q=config.q,
+            chunk_size=config.chunk_size,
+            lq_floor=config.lq_floor,
+            ln_eps=config.memory_ln_eps,
+            smooth_lp=config.smooth_lp,
+            sign_sharpness=config.sign_sharpness,
+            abs_eps=config.abs_eps,
+            inner_grad_clamp=config.inner_grad_clamp,
+            detach_state_every=config.detach_state_every,
+        )
+
+    def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """eta in (0, eta_max) and log(alpha) < 0, as (B, H, T) or (B, H, T, d_h)."""
+        batch, length, _ = x.shape
+        if self.channelwise:
+            low = self.gate_down(x).float()
+            eta_logit, alpha_logit = self.eta_up(low[..., : low.shape[-1] // 2]), self.alpha_up(low[..., low.shape[-1] // 2 :])
+            shape = (batch, length, self.num_heads, self.head_dim)
+            eta_logit, alpha_logit = (t.float().view(shape).permute(0, 2, 1, 3) for t in (eta_logit, alpha_logit))
+        else:
+            eta_logit, alpha_logit = self.gate_proj(x).float().transpose(1, 2).chunk(2, dim=1)
+        return self.eta_max * torch.sigmoid(eta_logit), F.logsigmoid(alpha_logit)
+
+    def _causal_conv(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Depthwise causal conv over (B, T, C); the last conv_size-1 inputs are the state carried forward."""
+        x = x.transpose(1, 2)
+        tail = self.conv_size - 1
+        if conv_state is None:
+            conv_state = x.new_zeros(x.shape[0], x.shape[1], tail)
+        padded = torch.cat([conv_state.to(x.dtype), x], dim=-1)
+        out = F.conv1d(padded, self.conv.weight, groups=x.shape[1])
+        return F.silu(out).transpose(1, 2), padded[..., padded.shape[-1] - tail :]
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: MonetaCache | None) -> torch.Tensor:
+        batch, length, d = x.shape
+        heads, dh = self.num_heads, self.head_dim
+        qkv = self.qkv_proj(x)
+        if mask is not None:
+            qkv = qkv * mask[..., None].to(qkv.dtype)  # padding enters neither the conv nor the memory
+        conv_state = cache.conv_states[self.layer_idx] if cache is not None else None
+        qkv, new_conv_state = self._causal_conv(qkv, conv_state)
+        q, k, v = (t.view(batch, length, heads, dh).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+        eta, log_alpha = self._gates(x)
+
+        state = cache.memory_states[self.layer_idx] if cache is not None else None
+        if state is None:
+            state = MemoryState.initial(self.memory_a1, self.memory_a2, batch, self.rule.chunk_size, self.channelwise)
+        memory_args = (q, k, v.float(), eta, log_alpha, state, self.memory_ln_weight, self.memory_ln_bias, self.rule)
+        if length == 1 and cache is not None and not torch.is_grad_enabled():
+            y, new_state = memory_step(*memory_args, mask=mask)
+        else:
+            y, new_state = chunkwise_memory(*memory_args, mask=mask)
+        if cache is not None:
+            cache.conv_states[self.layer_idx] = new_conv_state
+            cache.memory_states[self.layer_idx] = new_state
+
+        y = self.out_norm(y.transpose(1, 2)).to(x.dtype).reshape(batch, length, d)  # per-head RMSNorm in fp32
+        return self.o_proj(y * F.silu(self.out_gate_proj(x)))
+
+
+class MonetaBlock(GradientCheckpointingLayer):
+    """Pre-norm Llama block with the MONETA mixer in place of attention."""
+
+    def __init__(self, config: MonetaConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_norm = MonetaRMSNorm(config.hidden_size, config.norm_eps)
+        self.mixer = MonetaMixer(config, layer_idx)
+        self.mlp_norm = MonetaRMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MonetaMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, cache: MonetaCache | None = None):
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), mask, cache)
+        return hidden_states + self.mlp(self.mlp_norm(hidden_states))
+
+
+class MonetaPreTrainedModel(PreTrainedModel):
+    config_class = MonetaConfig
+    config: MonetaConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MonetaBlock"]
+    _is_stateful = True
+    _supports_sdpa = False
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # MonetaCache holds recurrent state, not keys and values
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        config = self.config
+        std = config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Conv1d):
+            # Start near identity on the newest token so the conv does not scramble q, k, v early on.
+            init.normal_(module.weight, mean=0.0, std=std)
+            module.weight[..., -1] += 1.0
+        elif isinstance(module, MonetaRMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MonetaMixer):
+            # ||A_0||_q = 1 in expectation: sum |a|^q = N * E|a|^q with E|a|^4 = 3 sigma^4 for a normal,
+            # so W_0 = A_0 / ||A_0||_q^(q-2) = A_0 and the first reads are neither inflated nor squashed.
+            count = module.memory_a1[0].numel()
+            sigma = (1.0 / (3.0 * count)) ** 0.25
+            init.normal_(module.memory_a1, mean=0.0, std=sigma)
+            init.normal_(module.memory_a2, mean=0.0, std=sigma)
+            init.ones_(module.memory_ln_weight)
+            init.zeros_(module.memory_ln_bias)
+            eta_bias = -math.log(config.eta_max / config.eta_init - 1.0)  # sigmoid(bias) * eta_max = eta_init
+            alpha_bias = math.log(config.alpha_init / (1.0 - config.alpha_init))
+            if module.channelwise:
+                init.constant_(module.eta_up.bias, eta_bias)
+                init.constant_(module.alpha_up.bias, alpha_bias)
+            else:
+                heads = module.num_heads
+                init.constant_(module.gate_proj.bias[:heads], eta_bias)
+                init.constant_(module.gate_proj.bias[heads:], alpha_bias)
+        if isinstance(module, (MonetaMLP, MonetaMixer)):
+            # GPT-2 style: residual-branch outputs scaled by 1/sqrt(2 * layers).
+            out = module.down_proj if isinstance(module, MonetaMLP) else module.o_proj
+            init.normal_(out.weight, mean=0.0, std=std / math.sqrt(2 * config.num_hidden_layers))
+
+
+# transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40). The installed
+# version decides the name of the output field; inputs accept both names.
+CACHE_FIELD = (
+    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
+)
+
+
+def _output_class(name: str, first_fields: list[tuple]) -> type[ModelOutput]:
+    fields = first_fields + [
+        (CACHE_FIELD, MonetaCache | None, None),
+        ("hidden_states", tuple | None, None),
+    ]
+    annotations = {field[0]: field[1] for field in fields}
+    namespace = {"__annotations__": annotations, **{field[0]: field[2] for field in fields}}
+    return dataclass(type(name, (ModelOutput,), namespace))
+
+
+MonetaModelOutput = _output_class("MonetaModelOutput", [("last_hidden_state", torch.Tensor | None, None)])
+MonetaCausalLMOutput = _output_class(
+    "MonetaCausalLMOutput", [("loss", torch.Tensor | None, None), ("logits", torch.Tensor | None, None)]
+)
+
+
+def _cache_outputs(cache: MonetaCache | None) -> dict:
+    return {} if cache is None else {CACHE_FIELD: cache}
+
+
+class MonetaModel(MonetaPreTrainedModel):
+    def __init__(self, config: MonetaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(MonetaBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = MonetaRMSNorm(config.hidden_size, config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: MonetaCache | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: MonetaCache | None = None,
+        **kwargs,
+    ) -> MonetaModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = MonetaCache(self.config.num_hidden_layers)
+        # A cache passed in is always carried forward (segments, TBPTT), whatever use_cache says.
+
+        mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                raise ValueError(f"attention_mask must be 2-D (batch, length), got shape {tuple(attention_mask.shape)}")
+            mask = attention_mask[:, -length:].to(torch.bool)  # generate passes the mask of the whole sequence
+            if bool(mask.all()):
+                mask = None
+
+        hidden = inputs_embeds
+        all_hidden = (hidden,) if output_hidden_states else None
+        for layer in self.layers:
+            hidden = layer(hidden, mask=mask, cache=cache)
+            if output_hidden_states:
+                all_hidden += (hidden,)
+        hidden = self.norm(hidden)
+        if cache is not None:
+            cache.seen_tokens += length
+        return MonetaModelOutput(last_hidden_state=hidden, hidden_states=all_hidden, **_cache_outputs(cache))
+
+
+class MonetaForCausalLM(MonetaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MonetaConfig):
+        super().__init__(config)
+        self.model = MonetaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: MonetaCache | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: MonetaCache | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MonetaCausalLMOutput:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache if cache is not None else past_key_values,
+            use_cache=use_cache,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        cache_out = getattr(outputs, CACHE_FIELD)
+        return MonetaCausalLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, **_cache_outputs(cache_out)
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs):
+        """Feed only the tokens the cache has not seen; the mask covers the whole sequence."""
+        cache = kwargs.pop("cache", None) or kwargs.pop("past_key_values", None)
+        kwargs.pop("next_sequence_length", None)
+        kwargs.pop("cache_position", None)
+        kwargs.pop("position_ids", None)
+        model_inputs = {"attention_mask": attention_mask, "use_cache": use_cache}
+        if cache is not None and cache.get_seq_length() > 0:
+            model_inputs["input_ids"] = input_ids[:, cache.get_seq_length() :]
+            model_inputs["cache"] = cache
+        elif inputs_embeds is not None:
+            model_inputs["inputs_embeds"] = inputs_embeds
+        else:
+            model_inputs["input_ids"] = input_ids
+        for key, value in kwargs.items():
+            if key not in model_inputs and key not in ("is_first_iteration",):
+                model_inputs[key] = value
+        return model_inputs
