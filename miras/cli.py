@@ -1,4 +1,5 @@
 """The `miras` command."""
+
 import argparse
 import sys
 

@@ -53,7 +53,8 @@ class MonetaConfig(PreTrainedConfig):
         channelwise_gates: bool = False,
         gate_rank: int = 32,
         eta_max: float = 1.0,
-        eta_init: float = 0.1,
+        eta_init: float = 0.01,
+        eta_init_spread: float = 10.0,
         alpha_init: float = 0.99,
         lq_floor: float = 1e-6,
         smooth_lp: bool | None = None,
@@ -85,6 +86,7 @@ class MonetaConfig(PreTrainedConfig):
         self.gate_rank = gate_rank
         self.eta_max = eta_max
         self.eta_init = eta_init
+        self.eta_init_spread = eta_init_spread
         self.alpha_init = alpha_init
         self.lq_floor = lq_floor
         self.smooth_lp = smooth_lp
@@ -135,6 +137,7 @@ class MonetaConfig(PreTrainedConfig):
         )
         need(0 < self.eta_max, "eta_max", "a number > 0")
         need(0 < self.eta_init < self.eta_max, "eta_init", f"a number in (0, eta_max={self.eta_max})")
+        need(self.eta_init_spread >= 1, "eta_init_spread", "a number >= 1 (1 = every head starts at eta_init)")
         need(0 < self.alpha_init < 1, "alpha_init", "a number in (0, 1)")
         need(self.lq_floor > 0, "lq_floor", "a number > 0")
         need(self.inner_grad_clamp is None or self.inner_grad_clamp > 0, "inner_grad_clamp", "None or a number > 0")

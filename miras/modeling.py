@@ -147,7 +147,10 @@ class MonetaMixer(nn.Module):
         batch, length, _ = x.shape
         if self.channelwise:
             low = self.gate_down(x).float()
-            eta_logit, alpha_logit = self.eta_up(low[..., : low.shape[-1] // 2]), self.alpha_up(low[..., low.shape[-1] // 2 :])
+            eta_logit, alpha_logit = (
+                self.eta_up(low[..., : low.shape[-1] // 2]),
+                self.alpha_up(low[..., low.shape[-1] // 2 :]),
+            )
             shape = (batch, length, self.num_heads, self.head_dim)
             eta_logit, alpha_logit = (t.float().view(shape).permute(0, 2, 1, 3) for t in (eta_logit, alpha_logit))
         else:
@@ -231,9 +234,10 @@ class MonetaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.Conv1d):
-            # Start near identity on the newest token so the conv does not scramble q, k, v early on.
-            init.normal_(module.weight, mean=0.0, std=std)
-            module.weight[..., -1] += 1.0
+            # PyTorch's default conv init (uniform in +-1/sqrt(kernel)), as fla's short convolutions:
+            # every tap starts equally strong, so keys can draw on the previous tokens from the start.
+            bound = 1.0 / math.sqrt(module.weight.shape[-1])
+            init.uniform_(module.weight, -bound, bound)
         elif isinstance(module, MonetaRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, MonetaMixer):
@@ -245,14 +249,23 @@ class MonetaPreTrainedModel(PreTrainedModel):
             init.normal_(module.memory_a2, mean=0.0, std=sigma)
             init.ones_(module.memory_ln_weight)
             init.zeros_(module.memory_ln_bias)
-            eta_bias = -math.log(config.eta_max / config.eta_init - 1.0)  # sigmoid(bias) * eta_max = eta_init
+            # Heads start at different inner learning rates, log-spaced over
+            # [eta_init / eta_init_spread, eta_init * eta_init_spread]: the best step size depends on
+            # scales the outer loop is still learning, so each layer starts with a range to choose from.
+            heads = module.num_heads
+            spread = (
+                torch.logspace(-1.0, 1.0, heads, dtype=torch.float64)
+                if heads > 1
+                else torch.ones(1, dtype=torch.float64)
+            )
+            etas = (config.eta_init * spread.pow(math.log10(config.eta_init_spread))).clamp(max=0.5 * config.eta_max)
+            eta_bias = (-torch.log(config.eta_max / etas - 1.0)).float()  # eta_max * sigmoid(bias) = eta
             alpha_bias = math.log(config.alpha_init / (1.0 - config.alpha_init))
             if module.channelwise:
-                init.constant_(module.eta_up.bias, eta_bias)
+                init.copy_(module.eta_up.bias, eta_bias.repeat_interleave(module.head_dim))
                 init.constant_(module.alpha_up.bias, alpha_bias)
             else:
-                heads = module.num_heads
-                init.constant_(module.gate_proj.bias[:heads], eta_bias)
+                init.copy_(module.gate_proj.bias[:heads], eta_bias)
                 init.constant_(module.gate_proj.bias[heads:], alpha_bias)
         if isinstance(module, (MonetaMLP, MonetaMixer)):
             # GPT-2 style: residual-branch outputs scaled by 1/sqrt(2 * layers).
@@ -263,7 +276,9 @@ class MonetaPreTrainedModel(PreTrainedModel):
 # transformers 5.24 renamed `past_key_values` to `cache` (the old name goes in 5.40). The installed
 # version decides the name of the output field; inputs accept both names.
 CACHE_FIELD = (
-    "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
+    "cache"
+    if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    else "past_key_values"
 )
 
 
@@ -399,7 +414,9 @@ class MonetaForCausalLM(MonetaPreTrainedModel, GenerationMixin):
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, **_cache_outputs(cache_out)
         )
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+    ):
         """Feed only the tokens the cache has not seen; the mask covers the whole sequence."""
         cache = kwargs.pop("cache", None) or kwargs.pop("past_key_values", None)
         kwargs.pop("next_sequence_length", None)

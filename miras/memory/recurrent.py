@@ -11,7 +11,15 @@ from __future__ import annotations
 import torch
 
 from .chunkwise import _compute_dtype
-from .rule import AnchorGradients, RuleConfig, anchor_gradients, committed_accumulators, decay_weights, dual_form_read, lq_scale
+from .rule import (
+    AnchorGradients,
+    RuleConfig,
+    anchor_gradients,
+    committed_accumulators,
+    decay_weights,
+    dual_form_read,
+    lq_scale,
+)
 from .state import MemoryState
 
 
@@ -70,7 +78,9 @@ def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
     buffer_len = state.buffer_len + advance.long()
     full = buffer_len == b
     if bool(full.any()):
-        new_a1, new_a2 = committed_accumulators(a1, a2, buffer_k, grads, weights[:, :, 0], query_cumulative[:, :, 0].exp())
+        new_a1, new_a2 = committed_accumulators(
+            a1, a2, buffer_k, grads, weights[:, :, 0], query_cumulative[:, :, 0].exp()
+        )
         keep = full[:, None, None, None]
         a1, a2 = torch.where(keep, new_a1, a1), torch.where(keep, new_a2, a2)
         reset = full[:, None, None, None]

@@ -169,9 +169,13 @@ def dual_form_read(
         )
     else:
         decay = query_decay.unsqueeze(-1)
-        h = scale2 * (decay * (queries @ anchor_a2.transpose(-1, -2)) - (weights * (queries @ keys.transpose(-1, -2))) @ grads.gh)
+        h = scale2 * (
+            decay * (queries @ anchor_a2.transpose(-1, -2)) - (weights * (queries @ keys.transpose(-1, -2))) @ grads.gh
+        )
         act_q = gelu(h)
-        z = scale1 * (decay * (act_q @ anchor_a1.transpose(-1, -2)) - (weights * (act_q @ grads.act.transpose(-1, -2))) @ grads.gz)
+        z = scale1 * (
+            decay * (act_q @ anchor_a1.transpose(-1, -2)) - (weights * (act_q @ grads.act.transpose(-1, -2))) @ grads.gz
+        )
     u, _, _ = layer_norm(z, gamma, beta, rule.ln_eps)
     return queries + u
 

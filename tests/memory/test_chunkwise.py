@@ -1,0 +1,202 @@
+"""The chunkwise training path against the token-by-token reference and exact reductions (float64)."""
+
+import pytest
+import torch
+
+from miras.memory import MemoryState, RuleConfig, chunkwise_memory
+from miras.memory.naive import memory_read, naive_memory
+from miras.memory.rule import anchor_gradients, committed_accumulators, decay_weights, lq_scale
+
+from .helpers import initial_state, memory_inputs, time_slice
+
+TOL = dict(rtol=0, atol=1e-10)
+NAMES = ("q", "k", "v", "eta", "log_alpha", "a1", "a2", "gamma", "beta")
+
+
+def running_accumulators(state: MemoryState, gamma, beta, rule):
+    """Accumulators after every token, including the open chunk (the anchor plus the buffer's updates)."""
+    scale1, scale2 = lq_scale(state.a1, rule), lq_scale(state.a2, rule)
+    grads = anchor_gradients(
+        state.buffer_k,
+        state.buffer_v,
+        scale1 * state.a1,
+        scale2 * state.a2,
+        gamma[None, :, None],
+        beta[None, :, None],
+        rule,
+    )
+    cumulative = state.buffer_log_alpha.cumsum(2)
+    channelwise = state.buffer_eta.dim() == 4
+    last = cumulative[:, :, -1:]
+    weights = decay_weights(
+        last, cumulative, state.buffer_eta, torch.ones(1, rule.chunk_size, dtype=torch.bool), channelwise
+    )
+    return committed_accumulators(state.a1, state.a2, state.buffer_k, grads, weights[:, :, 0], last[:, :, 0].exp())
+
+
+def run_both(x, rule, channelwise, mask=None):
+    leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
+    weights = torch.Generator().manual_seed(7)
+    state = initial_state(leaves, rule.chunk_size, channelwise)
+    y, final = chunkwise_memory(
+        *(leaves[n] for n in ("q", "k", "v", "eta", "log_alpha")), state, leaves["gamma"], leaves["beta"], rule, mask
+    )
+    probe_y = 0.1 * torch.randn(y.shape, generator=weights, dtype=y.dtype)
+    probe_a1 = 0.1 * torch.randn(final.a1.shape, generator=weights, dtype=y.dtype)
+    running = running_accumulators(final, leaves["gamma"], leaves["beta"], rule)
+    loss = (y * probe_y).sum() + (final.a1 * probe_a1).sum() + 0.1 * running[1].pow(2).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+
+    y_ref, run_ref, anchor_ref = naive_memory(
+        *(leaves[n] for n in ("q", "k", "v", "eta", "log_alpha")),
+        state.a1,
+        state.a2,
+        leaves["gamma"],
+        leaves["beta"],
+        rule,
+        mask,
+    )
+    loss_ref = (y_ref * probe_y).sum() + (anchor_ref[0] * probe_a1).sum() + 0.1 * run_ref[1].pow(2).sum()
+    grads_ref = torch.autograd.grad(loss_ref, list(leaves.values()))
+    return (y, final, running, grads), (y_ref, anchor_ref, run_ref, grads_ref)
+
+
+@pytest.mark.parametrize("channelwise", [False, True])
+@pytest.mark.parametrize("chunk_size,length", [(1, 7), (4, 23), (16, 37), (64, 23), (64, 70)])
+def test_chunkwise_equals_token_loop(chunk_size, length, channelwise):
+    rule = RuleConfig(chunk_size=chunk_size)
+    x = memory_inputs(length=length, channelwise=channelwise)
+    (y, final, running, grads), (y_ref, anchor_ref, run_ref, grads_ref) = run_both(x, rule, channelwise)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(final.a1, anchor_ref[0], **TOL)
+    torch.testing.assert_close(final.a2, anchor_ref[1], **TOL)
+    torch.testing.assert_close(running[0], run_ref[0], **TOL)
+    torch.testing.assert_close(running[1], run_ref[1], **TOL)
+    assert final.buffer_len.tolist() == [length % chunk_size] * 2
+    for name, got, want in zip(NAMES, grads, grads_ref):
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+def test_masked_tokens_are_skipped_and_do_not_count_toward_chunks():
+    rule = RuleConfig(chunk_size=4)
+    x = memory_inputs(length=19)
+    mask = torch.ones(2, 19, dtype=torch.bool)
+    mask[1, :6] = False  # left padding
+    mask[0, 9] = False  # a hole
+    (y, final, running, _), (y_ref, anchor_ref, run_ref, _) = run_both(x, rule, False, mask)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(running[0], run_ref[0], **TOL)
+    assert final.buffer_len.tolist() == [18 % 4, 13 % 4]
+    assert torch.all(y[1, :, :6] == 0)
+
+
+def test_chunk_one_is_the_per_token_recurrence_with_lagged_normaliser():
+    """b = 1: A_t = alpha A_{t-1} - eta grad l(s(A_{t-1}) A_{t-1}), read with s(A_{t-1}) * A_t.
+
+    Written independently of miras.memory: the inner gradient comes from autograd of the l_p loss.
+    """
+    rule = RuleConfig(chunk_size=1)
+    x = memory_inputs(batch=1, heads=1, length=9)
+    y, _ = chunkwise_memory(
+        *(x[n] for n in ("q", "k", "v", "eta", "log_alpha")), initial_state(x, 1), x["gamma"], x["beta"], rule
+    )
+    acc1, acc2 = x["a1"][0], x["a2"][0]
+    gamma, beta = x["gamma"][0], x["beta"][0]
+    for t in range(9):
+        s1, s2 = lq_scale(acc1, rule), lq_scale(acc2, rule)
+        w1, w2 = (s1 * acc1).requires_grad_(), (s2 * acc2).requires_grad_()
+        k, v = x["k"][0, 0, t], x["v"][0, 0, t]
+        loss = (memory_read(k, w1, w2, gamma, beta, rule) - v).abs().pow(3).sum()
+        g1, g2 = torch.autograd.grad(loss, (w1, w2))
+        alpha, eta = x["log_alpha"][0, 0, t].exp(), x["eta"][0, 0, t]
+        acc1, acc2 = alpha * acc1 - eta * g1, alpha * acc2 - eta * g2
+        expected = memory_read(x["q"][0, 0, t], s1 * acc1, s2 * acc2, gamma, beta, rule)
+        torch.testing.assert_close(y[0, 0, t], expected, **TOL)
+
+
+def test_p2_q2_no_decay_is_mini_batch_gradient_descent():
+    """p = 2, q = 2, alpha = 1: each chunk is one mini-batch GD step on the squared error (the delta rule
+    generalised to the MLP memory, TTT-style); token t of a chunk reads W_0 - sum_{j<=t} eta_j grad_j."""
+    b = 4
+    rule = RuleConfig(p=2.0, q=2.0, chunk_size=b)
+    x = memory_inputs(batch=1, heads=1, length=8)
+    x["log_alpha"] = torch.zeros_like(x["log_alpha"])
+    y, _ = chunkwise_memory(
+        *(x[n] for n in ("q", "k", "v", "eta", "log_alpha")), initial_state(x, b), x["gamma"], x["beta"], rule
+    )
+    gamma, beta = x["gamma"][0], x["beta"][0]
+    w1, w2 = x["a1"][0], x["a2"][0]
+    for start in range(0, 8, b):
+        anchor1, anchor2 = w1.clone().requires_grad_(), w2.clone().requires_grad_()
+        for t in range(start, start + b):
+            err = memory_read(x["k"][0, 0, t], anchor1, anchor2, gamma, beta, rule) - x["v"][0, 0, t]
+            g1, g2 = torch.autograd.grad(err.pow(2).sum(), (anchor1, anchor2))
+            w1, w2 = w1 - x["eta"][0, 0, t] * g1, w2 - x["eta"][0, 0, t] * g2
+            torch.testing.assert_close(y[0, 0, t], memory_read(x["q"][0, 0, t], w1, w2, gamma, beta, rule), **TOL)
+
+
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_gradcheck_tiny(channelwise):
+    rule = RuleConfig(chunk_size=3)
+    x = memory_inputs(batch=1, heads=1, length=7, head_dim=3, width=5, channelwise=channelwise)
+    leaves = [x[n].clone().requires_grad_() for n in NAMES]
+
+    def fn(q, k, v, eta, log_alpha, a1, a2, gamma, beta):
+        state = MemoryState.initial(a1, a2, 1, 3, channelwise)
+        y, final = chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule)
+        return y, final.a1, final.a2
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("split", [1, 5, 16, 17, 30])
+def test_segments_with_carried_state_equal_one_pass(split):
+    rule = RuleConfig(chunk_size=8)
+    x = memory_inputs(length=37)
+    args = ("q", "k", "v", "eta", "log_alpha")
+    leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
+    state = initial_state(leaves, 8)
+    y, final = chunkwise_memory(*(leaves[n] for n in args), state, leaves["gamma"], leaves["beta"], rule)
+    first, middle = chunkwise_memory(
+        *(time_slice(leaves, 0, split)[n] for n in args), state, leaves["gamma"], leaves["beta"], rule
+    )
+    second, end = chunkwise_memory(
+        *(time_slice(leaves, split, 37)[n] for n in args), middle, leaves["gamma"], leaves["beta"], rule
+    )
+    torch.testing.assert_close(torch.cat([first, second], 2), y, **TOL)
+    torch.testing.assert_close(end.a1, final.a1, **TOL)
+    torch.testing.assert_close(end.buffer_k, final.buffer_k, **TOL)
+    assert end.buffer_len.tolist() == final.buffer_len.tolist()
+    g_one = torch.autograd.grad(y.pow(2).sum(), list(leaves.values()))
+    g_two = torch.autograd.grad(torch.cat([first, second], 2).pow(2).sum(), list(leaves.values()))
+    for got, want in zip(g_two, g_one):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_detach_state_every_keeps_outputs_and_truncates_gradients():
+    x = memory_inputs(length=32)
+    args = ("q", "k", "v", "eta", "log_alpha")
+    outputs = {}
+    for every in (0, 16):
+        rule = RuleConfig(chunk_size=8, detach_state_every=every)
+        leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
+        y, _ = chunkwise_memory(
+            *(leaves[n] for n in args), initial_state(leaves, 8), leaves["gamma"], leaves["beta"], rule
+        )
+        (grad_k,) = torch.autograd.grad(y[:, :, 16:].pow(2).sum(), [leaves["k"]])
+        outputs[every] = (y.detach(), grad_k)
+    torch.testing.assert_close(outputs[16][0], outputs[0][0], rtol=0, atol=0)
+    assert outputs[0][1][:, :, :16].abs().max() > 1e-3  # full BPTT: late outputs depend on early keys
+    assert torch.all(outputs[16][1][:, :, :16] == 0)  # truncated at token 16
+
+
+def test_inner_loop_runs_in_fp32_under_bf16_autocast():
+    x = memory_inputs(length=20, dtype=torch.float32)
+    rule = RuleConfig(chunk_size=8)
+    bf16 = {n: (t.to(torch.bfloat16) if n in ("q", "k", "v") else t) for n, t in x.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, state = chunkwise_memory(
+            *(bf16[n] for n in ("q", "k", "v", "eta", "log_alpha")), initial_state(x, 8), x["gamma"], x["beta"], rule
+        )
+    assert y.dtype == torch.float32 and state.a1.dtype == torch.float32
+    assert torch.isfinite(y).all()

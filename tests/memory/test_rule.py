@@ -1,0 +1,73 @@
+import math
+
+import pytest
+import torch
+
+from miras.memory.rule import RuleConfig, anchor_gradients, decay_weights, gelu, layer_norm, lp_error_gradient, lq_scale
+
+
+def _memory_loss(w1, w2, k, v, gamma, beta, p, eps):
+    u, _, _ = layer_norm(gelu(k @ w2.T) @ w1.T, gamma, beta, eps)
+    return (k + u - v).abs().pow(p).sum()
+
+
+@pytest.mark.parametrize("p", [2.0, 2.5, 3.0, 4.0])
+def test_hand_written_inner_gradient_matches_autograd(p):
+    g = torch.Generator().manual_seed(0)
+    dh, m = 5, 20
+    w1 = (0.3 * torch.randn(dh, m, generator=g, dtype=torch.float64)).requires_grad_()
+    w2 = (0.3 * torch.randn(m, dh, generator=g, dtype=torch.float64)).requires_grad_()
+    k = torch.nn.functional.normalize(torch.randn(1, dh, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(1, dh, generator=g, dtype=torch.float64)
+    gamma = 1 + 0.1 * torch.randn(dh, generator=g, dtype=torch.float64)
+    beta = 0.1 * torch.randn(dh, generator=g, dtype=torch.float64)
+    rule = RuleConfig(p=p)
+    expected1, expected2 = torch.autograd.grad(_memory_loss(w1, w2, k, v, gamma, beta, p, rule.ln_eps), (w1, w2))
+    grads = anchor_gradients(k, v, w1.detach(), w2.detach(), gamma, beta, rule)
+    torch.testing.assert_close(torch.outer(grads.gz[0], grads.act[0]), expected1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(torch.outer(grads.gh[0], k[0]), expected2, rtol=0, atol=1e-12)
+
+
+def test_surrogate_approaches_exact_gradient_for_large_sharpness():
+    err = torch.linspace(-2, 2, 41, dtype=torch.float64)
+    exact = lp_error_gradient(err, RuleConfig(p=3.0))
+    smooth = lp_error_gradient(err, RuleConfig(p=3.0, smooth_lp=True, sign_sharpness=1e4, abs_eps=1e-12))
+    torch.testing.assert_close(smooth, exact, rtol=1e-4, atol=1e-6)
+
+
+def test_surrogate_for_p_below_two_is_finite_and_differentiable_at_zero():
+    err = torch.tensor([0.0, 1e-9, -1e-9, 0.5], dtype=torch.float64, requires_grad=True)
+    rule = RuleConfig(p=1.0)
+    assert rule.uses_surrogate
+    out = lp_error_gradient(err, rule)
+    (grad,) = torch.autograd.grad(out.sum(), err)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    assert grad[0] > 0  # sign's surrogate has a useful derivative at 0, unlike torch.sign
+
+
+def test_lq_normaliser_inverts_scale_for_q4_and_respects_the_floor():
+    acc = torch.randn(3, 4, 8, dtype=torch.float64)
+    w = lq_scale(acc, RuleConfig(q=4.0)) * acc
+    norm_a = acc.abs().pow(4).sum((-2, -1)).pow(0.25)
+    norm_w = w.abs().pow(4).sum((-2, -1)).pow(0.25)
+    torch.testing.assert_close(norm_w, 1 / norm_a)
+    tiny = 1e-9 * acc
+    assert torch.all(lq_scale(tiny, RuleConfig(q=4.0, lq_floor=1.0)) == 1.0)
+    assert torch.all(lq_scale(acc, RuleConfig(q=2.0)) == 1.0)
+
+
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_decay_weights_stay_finite_for_extreme_decays(channelwise):
+    b = 16
+    shape = (2, b, 3) if channelwise else (2, b)
+    log_alpha = torch.full(shape, -500.0, dtype=torch.float64)
+    cumulative = log_alpha.cumsum(1)
+    eta = torch.ones(shape, dtype=torch.float64)
+    causal = torch.ones(b, b, dtype=torch.bool).tril()
+    weights = decay_weights(cumulative, cumulative, eta, causal, channelwise)
+    assert torch.isfinite(weights).all()
+    diag = weights.diagonal(dim1=1, dim2=2)
+    assert torch.all(diag == 1.0)  # D[t, t] = eta_t
+    upper = ~causal
+    assert torch.all((weights[:, upper] if not channelwise else weights[:, upper, :]) == 0)
+    assert math.isclose(float(weights[0, 1, 0] if not channelwise else weights[0, 1, 0, 0]), 0.0, abs_tol=1e-200)

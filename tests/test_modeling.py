@@ -1,0 +1,184 @@
+"""MonetaForCausalLM: decoding, segments, padding, save/load, training stability, config checks."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from miras import MonetaCache, MonetaConfig, MonetaForCausalLM, count_parameters
+
+
+def tiny_config(**overrides):
+    fields = dict(vocab_size=101, hidden_size=64, num_hidden_layers=2, num_heads=4, intermediate_size=96, chunk_size=8)
+    fields.update(overrides)
+    return MonetaConfig(**fields)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return MonetaForCausalLM(tiny_config(**overrides)).eval()
+
+
+def random_ids(batch, length, seed=1, vocab=101):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("channelwise", [False, True])
+def test_decoding_with_cache_matches_full_forward_at_every_position(channelwise):
+    model = tiny_model(channelwise_gates=channelwise)
+    ids = random_ids(2, 37)  # chunk 8: four boundaries and an open chunk
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :3], use_cache=True)
+        steps, cache = [out.logits], out.cache
+        assert isinstance(cache, MonetaCache)
+        for t in range(3, 37):
+            out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=0, atol=1e-4)
+    assert cache.get_seq_length() == 37
+
+
+def test_cache_size_does_not_grow_with_context():
+    model = tiny_model()
+    with torch.no_grad():
+        cache = model(random_ids(1, 9), use_cache=True).cache
+        sizes = []
+        for t in range(40):
+            cache = model(random_ids(1, 1, seed=t), cache=cache, use_cache=True).cache
+            sizes.append(sum(s.a1.numel() + s.buffer_k.numel() for s in cache.memory_states))
+    assert len(set(sizes)) == 1
+
+
+def test_generate_greedy_equals_argmax_loop_and_sampling_runs():
+    model = tiny_model()
+    prompt = random_ids(2, 10)
+    with torch.no_grad():
+        generated = model.generate(prompt, max_new_tokens=20, do_sample=False)
+        ids = prompt
+        for _ in range(20):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        sampled = model.generate(prompt, max_new_tokens=12, do_sample=True, top_k=10)
+    assert torch.equal(generated, ids)
+    assert sampled.shape == (2, 22)
+
+
+def test_left_padded_batch_matches_each_sequence_alone():
+    model = tiny_model()
+    long, short = random_ids(1, 21, seed=3), random_ids(1, 13, seed=4)
+    pad = torch.zeros(1, 8, dtype=torch.long)
+    batch = torch.cat([long, torch.cat([pad, short], 1)])
+    mask = torch.ones_like(batch)
+    mask[1, :8] = 0
+    with torch.no_grad():
+        logits = model(batch, attention_mask=mask).logits
+        torch.testing.assert_close(logits[0], model(long).logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(logits[1, 8:], model(short).logits[0], rtol=0, atol=1e-5)
+        together = model.generate(batch, attention_mask=mask, max_new_tokens=15, do_sample=False)
+        alone = model.generate(short, max_new_tokens=15, do_sample=False)
+    assert torch.equal(together[1, 8:], alone[0])
+
+
+@pytest.mark.parametrize("split", [5, 8, 19])
+def test_segments_with_carried_cache_equal_one_pass(split):
+    model = tiny_model().train()
+    ids = random_ids(2, 30)
+    full = model(ids, labels=ids)
+    grads_full = torch.autograd.grad(full.logits.pow(2).mean(), list(model.parameters()))
+    first = model(ids[:, :split], use_cache=True)
+    second = model(ids[:, split:], cache=first.cache, use_cache=True)
+    logits = torch.cat([first.logits, second.logits], 1)
+    torch.testing.assert_close(logits, full.logits, rtol=0, atol=1e-5)
+    grads_split = torch.autograd.grad(logits.pow(2).mean(), list(model.parameters()))
+    for got, want in zip(grads_split, grads_full):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_detach_state_every_changes_gradients_only():
+    ids = random_ids(2, 48)
+    results = []
+    for every in (0, 16):
+        model = tiny_model(detach_state_every=every).train()
+        embeds = model.model.embed_tokens(ids).detach().requires_grad_()
+        out = model(inputs_embeds=embeds)
+        (grad,) = torch.autograd.grad(out.logits[:, 32:].pow(2).mean(), [embeds])
+        results.append((out.logits.detach(), grad[:, :8].abs().sum()))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    assert results[0][1] > 0
+    assert results[1][1] == 0  # tokens 0..7 reach loss at 32+ only through the memory state, cut at 16
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = random_ids(2, 20)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model().train()
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        loss = model(ids, labels=ids).loss
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_sharded_save_loads_with_auto_classes(tmp_path):
+    model = tiny_model()
+    ids = random_ids(2, 19)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) >= 3 and (tmp_path / "model.safetensors.index.json").exists()
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "moneta"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, MonetaForCausalLM)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        bf16 = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+        assert bf16.model.embed_tokens.weight.dtype == torch.bfloat16
+        logits = bf16(ids).logits
+    assert torch.isfinite(logits).all()
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_bf16_autocast_training_stays_finite(chunk_size):
+    torch.manual_seed(0)
+    model = MonetaForCausalLM(tiny_config(chunk_size=chunk_size, num_hidden_layers=1)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        ids = torch.randint(0, 101, (2, 80), generator=generator)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(ids, labels=ids).loss
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "field,value,accepted",
+    [
+        ("p", 0.5, ">= 1"),
+        ("q", 1.5, ">= 2"),
+        ("chunk_size", 0, "positive integer"),
+        ("hidden_size", 66, "multiple of num_heads"),
+        ("detach_state_every", 12, "multiple of chunk_size"),
+    ],
+)
+def test_bad_config_values_name_the_field(field, value, accepted):
+    with pytest.raises(ValueError, match=rf"MonetaConfig\.{field}=.*{accepted}"):
+        tiny_config(**{field: value})
+
+
+def test_unknown_size_lists_the_sizes():
+    with pytest.raises(ValueError, match="unknown model size 'xxl'.*xs, s, m, l"):
+        MonetaConfig.from_size("xxl")
+
+
+def test_parameter_counts_are_in_the_papers_ranges():
+    millions = {size: count_parameters(MonetaConfig.from_size(size, vocab_size=32000))["total"] / 1e6 for size in "sml"}
+    assert 120 <= millions["s"] <= 170
+    assert 340 <= millions["m"] <= 420
+    assert 760 <= millions["l"] <= 870
