@@ -120,11 +120,16 @@ class MonetaConfig(PreTrainedConfig):
             if not ok:
                 raise ValueError(f"MonetaConfig.{field}={getattr(self, field)!r} is invalid: expected {accepted}")
 
+        def number(field: str) -> float:
+            value = getattr(self, field)
+            need(isinstance(value, (int, float)) and not isinstance(value, bool), field, "a number")
+            return value
+
         for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "intermediate_size"):
             need(isinstance(getattr(self, field), int) and getattr(self, field) > 0, field, "a positive integer")
         need(self.hidden_size % self.num_heads == 0, "hidden_size", f"a multiple of num_heads={self.num_heads}")
-        need(self.p >= 1, "p", "a number >= 1 (l_p attentional bias; the paper uses 3)")
-        need(self.q >= 2, "q", "a number >= 2 (l_q retention; the paper uses 4)")
+        need(number("p") >= 1, "p", "a number >= 1 (l_p attentional bias; the paper uses 3)")
+        need(number("q") >= 2, "q", "a number >= 2 (l_q retention; the paper uses 4)")
         need(isinstance(self.chunk_size, int) and self.chunk_size > 0, "chunk_size", "a positive integer (16 or 64)")
         need(isinstance(self.conv_size, int) and self.conv_size >= 1, "conv_size", "an integer >= 1")
         need(isinstance(self.mem_expansion, int) and self.mem_expansion >= 1, "mem_expansion", "an integer >= 1")
@@ -135,12 +140,14 @@ class MonetaConfig(PreTrainedConfig):
             "detach_state_every",
             f"0 (never) or a positive multiple of chunk_size={self.chunk_size}",
         )
-        need(0 < self.eta_max, "eta_max", "a number > 0")
-        need(0 < self.eta_init < self.eta_max, "eta_init", f"a number in (0, eta_max={self.eta_max})")
-        need(self.eta_init_spread >= 1, "eta_init_spread", "a number >= 1 (1 = every head starts at eta_init)")
-        need(0 < self.alpha_init < 1, "alpha_init", "a number in (0, 1)")
-        need(self.lq_floor > 0, "lq_floor", "a number > 0")
-        need(self.inner_grad_clamp is None or self.inner_grad_clamp > 0, "inner_grad_clamp", "None or a number > 0")
+        need(number("eta_max") > 0, "eta_max", "a number > 0")
+        need(0 < number("eta_init") < self.eta_max, "eta_init", f"a number in (0, eta_max={self.eta_max})")
+        need(number("eta_init_spread") >= 1, "eta_init_spread", "a number >= 1 (1 = every head starts at eta_init)")
+        need(0 < number("alpha_init") < 1, "alpha_init", "a number in (0, 1)")
+        need(number("lq_floor") > 0, "lq_floor", "a number > 0")
+        need(
+            self.inner_grad_clamp is None or number("inner_grad_clamp") > 0, "inner_grad_clamp", "None or a number > 0"
+        )
 
     @classmethod
     def from_size(cls, size: str, **overrides) -> MonetaConfig:

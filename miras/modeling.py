@@ -165,7 +165,8 @@ class MonetaMixer(nn.Module):
             conv_state = x.new_zeros(x.shape[0], x.shape[1], tail)
         padded = torch.cat([conv_state.to(x.dtype), x], dim=-1)
         out = F.conv1d(padded, self.conv.weight, groups=x.shape[1])
-        return F.silu(out).transpose(1, 2), padded[..., padded.shape[-1] - tail :]
+        # SiLU on the (B, T, C) layout: its backward on the transposed view is ~4x slower.
+        return F.silu(out.transpose(1, 2).contiguous()), padded[..., padded.shape[-1] - tail :]
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: MonetaCache | None) -> torch.Tensor:
         batch, length, d = x.shape
