@@ -249,8 +249,10 @@ def main(argv=None) -> None:
 
     print(f"corpus: {len(data):,} bytes, train {len(train):,}, held-out {len(held):,} ({windows.shape[0]} windows)")
     print(f"MONETA: {moneta_params:,} params (hidden {moneta_cfg.hidden_size}, FFN {moneta_cfg.intermediate_size})")
-    print(f"Llama:  {llama_params:,} params (hidden {llama_cfg.hidden_size}, FFN {llama_cfg.intermediate_size}), "
-          f"{100 * (llama_params / moneta_params - 1):+.1f}%")
+    print(
+        f"Llama:  {llama_params:,} params (hidden {llama_cfg.hidden_size}, FFN {llama_cfg.intermediate_size}), "
+        f"{100 * (llama_params / moneta_params - 1):+.1f}%"
+    )
     overrides = parse_overrides(args.model_overrides)
     if overrides:
         print(f"MONETA overrides: {overrides}")
@@ -271,20 +273,27 @@ def main(argv=None) -> None:
                 flag = f" diverged@{run.diverged_at}" if run.diverged_at else ""
                 train_bpb, eval_bpb = run.log["train_bpb"][-1], run.log["eval_bpb"][-1]
                 parts.append(f"{run.name} train {train_bpb:.3f} held-out {eval_bpb:.3f}{flag}")
-            print(f"step {step:5d}  lr {runs[0].log['lr'][-1]:.2e}  " + "  |  ".join(parts)
-                  + f"  ({time.perf_counter() - start:.0f} s)")
+            print(
+                f"step {step:5d}  lr {runs[0].log['lr'][-1]:.2e}  "
+                + "  |  ".join(parts)
+                + f"  ({time.perf_counter() - start:.0f} s)"
+            )
             sys.stdout.flush()
 
     params = {"moneta": moneta_params, "llama": llama_params}
     summaries = {run.name: run.summary(tokens_per_step, params[run.name]) for run in runs}
     gap = summaries["moneta"]["final_eval_bpb"] - summaries["llama"]["final_eval_bpb"]
-    print("\n| model | params | final held-out bpb | best held-out bpb | final train bpb | max logged jump "
-          "| max step spike | max grad norm | train tok/s |")
+    print(
+        "\n| model | params | final held-out bpb | best held-out bpb | final train bpb | max logged jump "
+        "| max step spike | max grad norm | train tok/s |"
+    )
     print("|" + "---|" * 9)
     for name, s in summaries.items():
-        print(f"| {name} | {s['params']:,} | {s['final_eval_bpb']:.4f} | {s['best_eval_bpb']:.4f} "
-              f"| {s['final_train_bpb']:.4f} | {s['max_logged_train_jump_bpb']:+.4f} | {s['max_step_spike_bpb']:+.4f} "
-              f"| {s['max_grad_norm']:.2f} | {s['train_tokens_per_s']:.0f} |")
+        print(
+            f"| {name} | {s['params']:,} | {s['final_eval_bpb']:.4f} | {s['best_eval_bpb']:.4f} "
+            f"| {s['final_train_bpb']:.4f} | {s['max_logged_train_jump_bpb']:+.4f} | {s['max_step_spike_bpb']:+.4f} "
+            f"| {s['max_grad_norm']:.2f} | {s['train_tokens_per_s']:.0f} |"
+        )
     print(f"\nheld-out gap (MONETA - Llama): {gap:+.4f} bits per byte")
 
     result = {

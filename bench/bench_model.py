@@ -214,8 +214,24 @@ def current_rss_bytes() -> int:
         return peak_rss_bytes()
 
 
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the high-water mark, so the peak is the step's own."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
 def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # lifetime peak: only a fallback
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
@@ -234,6 +250,7 @@ def peak_memory_worker(kind: str, seq_len: int, grad_checkpoint: bool, seed: int
     ids = torch.randint(0, VOCAB, (1, seq_len), generator=generator)
     gc.collect()
     base = current_rss_bytes()
+    reset_peak_rss()
     start = time.perf_counter()
     train_step(model, ids, optimizer)
     elapsed = time.perf_counter() - start
@@ -334,8 +351,16 @@ def per_token_mixer(mixer: MonetaMixer, x: torch.Tensor) -> torch.Tensor:
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     eta, log_alpha = mixer._gates(x)
     y = per_token_memory(
-        q, k, v, eta, log_alpha.exp(), mixer.memory_a1, mixer.memory_a2, mixer.memory_ln_weight,
-        mixer.memory_ln_bias, mixer.rule,
+        q,
+        k,
+        v,
+        eta,
+        log_alpha.exp(),
+        mixer.memory_a1,
+        mixer.memory_a2,
+        mixer.memory_ln_weight,
+        mixer.memory_ln_bias,
+        mixer.rule,
     )
     y = mixer.out_norm(y.transpose(1, 2)).reshape(batch, length, d)
     return mixer.o_proj(y * F.silu(mixer.out_gate_proj(x)))
@@ -398,7 +423,9 @@ def time_sequential(forward, module, seq_len: int, prefix: int, budget_s: float,
     extrapolated = measured < seq_len
     total = seconds * seq_len / measured if extrapolated else seconds
     return {
-        "seconds": total, "tokens_per_s": seq_len / total, "measured_tokens": measured,
+        "seconds": total,
+        "tokens_per_s": seq_len / total,
+        "measured_tokens": measured,
         "extrapolated": extrapolated,
     }
 
@@ -531,8 +558,17 @@ def section_decode(args) -> dict:
     print("cache MiB = tensor bytes after the prefill, B/tok = that / context; MONETA's state grows once, to its")
     print("decoding size (the open chunk's cached inner gradients), shown as 'MONETA decoding'\n")
     table(
-        ["context", "MONETA tok/s", "Llama tok/s", "MONETA/Llama", "MONETA cache", "MONETA decoding", "Llama cache",
-         "MONETA B/tok", "Llama B/tok"],
+        [
+            "context",
+            "MONETA tok/s",
+            "Llama tok/s",
+            "MONETA/Llama",
+            "MONETA cache",
+            "MONETA decoding",
+            "Llama cache",
+            "MONETA B/tok",
+            "Llama B/tok",
+        ],
         [
             [
                 r["context"],

@@ -1,0 +1,188 @@
+"""The `miras train` command line: flags grouped as `--help` shows them, seed aliases, validation.
+
+Every flag of the seed's train.py still works; where our name differs the seed's is an alias
+(marked "seed alias" in --help). Bad values end in one line naming the value and what is
+accepted (argparse's error, exit code 2), before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from .configuration import MODEL_SIZES
+from .data import BUILTIN, DEFAULT_HUB_DATASET
+
+# The paper's token budgets (MIRAS Table 5 and text); also the cosine schedule's horizon.
+PAPER_TOKEN_BUDGET = {"xs": 100_000_000, "s": 15_000_000_000, "m": 15_000_000_000, "l": 30_000_000_000}
+PAPER_TOKEN_BUDGET["xl"] = 100_000_000_000
+PAPER_PEAK_LR = {"s": 3e-3, "m": 1.5e-3, "l": 1.25e-3}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (expected a positive integer)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} is not positive (expected an integer >= 1)")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (expected an integer >= 0)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (expected an integer >= 0)")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (expected a number >= 0)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative (expected a number >= 0)")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _non_negative_float(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("0 is not allowed (expected a number > 0)")
+    return value
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad value is one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        sys.exit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(
+        prog="miras train",
+        description="Train MONETA. Same code under `python -m miras.train`, `miras train` and "
+        "`accelerate launch [--config_file accelerate_configs/X.yaml] -m miras.train`.",
+    )
+    add = parser.add_argument_group("model").add_argument
+    add("--model-size", default="xs", choices=list(MODEL_SIZES), help="size preset (default: xs)")
+    add("--compile", action="store_true", help="torch.compile the model")
+    add("--no-grad-checkpoint", action="store_true", help="disable block activation checkpointing (on by default)")
+    add(
+        "--moneta-detach-state-every",
+        type=_non_negative_int,
+        default=0,
+        help="truncated BPTT inside the memory, in tokens (a multiple of the chunk; 0 = full backprop, the paper)",
+    )
+
+    add = parser.add_argument_group("hardware and precision").add_argument
+    add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="single-process runs only")
+    add(
+        "--precision",
+        default="auto",
+        choices=["auto", "bf16", "fp16", "fp32"],
+        help="auto: bf16 on CUDA that supports it, fp16 + grad scaler on older CUDA, fp32 on CPU and MPS",
+    )
+    add("--no-tf32", action="store_true", help="disable TF32 matmuls on CUDA")
+
+    add = parser.add_argument_group("batch and schedule").add_argument
+    add("--seq-len", type=_positive_int, default=4096, help="tokens per sequence (default 4096)")
+    add("--batch-size", "--microbatch-size", type=_positive_int, default=1, help="sequences per device per micro-step")
+    add("--grad-accum", "--grad-accum-steps", type=_positive_int, default=1, help="micro-steps per optimizer step")
+    add(
+        "--global-batch-size",
+        type=_positive_int,
+        default=None,
+        help="seed alias: sequences per optimizer step over all devices; sets --grad-accum",
+    )
+    add("--lr", type=_positive_float, default=3e-4, help="peak learning rate (default 3e-4, as the seed)")
+    add("--warmup-steps", type=_non_negative_int, default=None, help="default: 2%% of the steps, at most 2000")
+    add("--weight-decay", type=_non_negative_float, default=0.1)
+    add("--grad-clip", "--grad-clip-norm", type=_non_negative_float, default=1.0, help="0 disables clipping")
+    add("--max-steps", type=_non_negative_int, default=0, help="optimizer steps (0: from the token budget)")
+    add("--max-tokens", type=_non_negative_int, default=0, help="default: the paper's budget for the size")
+    add(
+        "--max-time",
+        "--max-time-seconds",
+        type=_non_negative_float,
+        default=0,
+        help="stop after this many seconds of training time (0: no limit)",
+    )
+    add("--seed", type=int, default=1337)
+
+    add = parser.add_argument_group("data").add_argument
+    add(
+        "--dataset",
+        "--dataset-name",
+        default=DEFAULT_HUB_DATASET,
+        help=f"hub name, local file(s) (.txt/.jsonl/.parquet, globs), '{BUILTIN}' or 'synthetic:recall' "
+        f"(default {DEFAULT_HUB_DATASET})",
+    )
+    add("--dataset-config", default=None, help="hub dataset configuration (default sample-10BT for the default)")
+    add("--dataset-split", default="train")
+    add("--text-field", default="text")
+    add("--tokenizer", "--tokenizer-name", default=None, help="name or path; default byte for builtin, else gpt2")
+    add("--data-source", default=None, choices=["random", "hf_buffer"], help="seed alias: random = random tokens")
+    add("--eval-documents", type=_non_negative_int, default=32, help="documents held out for evaluation")
+    add("--eval-batches", type=_positive_int, default=4)
+    add("--max-seq-len", type=int, default=None, help="seed alias; no effect here (no position table)")
+    add("--buffer-tokens", type=int, default=None, help="seed alias; no effect here (the data streams)")
+
+    add = parser.add_argument_group("run and logging").add_argument
+    add("--output-dir", "--runs-dir", default="runs", help="runs land in OUTPUT_DIR/RUN_NAME (default runs)")
+    add("--run-name", default=None, help="default: start time and size")
+    add("--log-every", "--log-every-steps", type=_positive_int, default=10)
+    add("--eval-every", type=_non_negative_int, default=0, help="steps between evaluations (0: at the end only)")
+    add("--peak-tflops", type=_positive_float, default=None, help="hardware peak for MFU (default: known GPUs)")
+    add("--wandb", action="store_true")
+    add("--wandb-project", default=None, help="default: $WANDB_PROJECT or miras")
+    add("--wandb-entity", default=None, help="default: $WANDB_ENTITY")
+    add("--wandb-name", default=None, help="default: the run name")
+    add("--wandb-tags", default=None, help="comma-separated")
+    add("--wandb-mode", default=None, choices=["online", "offline", "disabled"], help="default: $WANDB_MODE")
+
+    add = parser.add_argument_group("dry run (a few offline steps, writes nothing)").add_argument
+    add("--dry-run", action="store_true")
+    add("--dry-run-dim", type=_positive_int, default=64)
+    add("--dry-run-n-layers", type=_positive_int, default=2)
+    add("--dry-run-steps", type=_positive_int, default=3)
+    add("--dry-run-seq-len", type=_positive_int, default=128)
+    add("--dry-run-microbatch-size", type=_positive_int, default=2)
+    add("--dry-run-vocab-size", type=_positive_int, default=257)
+    add("--dry-run-full-model", action="store_true", help="use --model-size instead of the tiny dry-run model")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset == DEFAULT_HUB_DATASET and args.dataset_config is None:
+        args.dataset_config = "sample-10BT"
+    args.random_tokens = args.data_source == "random"
+    if args.run_name is None:
+        args.run_name = time.strftime("%Y%m%d-%H%M%S") + f"-{args.model_size}"
+    elif not args.run_name or "/" in args.run_name or args.run_name.startswith("."):
+        parser.error(f"argument --run-name: {args.run_name!r} is not a folder name (no '/', not starting with '.')")
+    chunk = 64
+    if args.moneta_detach_state_every % chunk:
+        parser.error(
+            f"argument --moneta-detach-state-every: {args.moneta_detach_state_every} is not a multiple of the "
+            f"chunk size {chunk} (expected 0 or a multiple of {chunk})"
+        )
+    if args.dry_run:
+        args.seq_len = args.dry_run_seq_len
+        args.batch_size = args.dry_run_microbatch_size
+        args.max_steps = args.dry_run_steps
+        if args.dataset == DEFAULT_HUB_DATASET and not args.random_tokens:
+            args.random_tokens = True  # offline by definition
+            args.tokenizer = args.tokenizer or "byte"
+    if not args.max_tokens and not args.max_steps:
+        args.max_tokens = PAPER_TOKEN_BUDGET[args.model_size]
+    return args

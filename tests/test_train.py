@@ -1,0 +1,170 @@
+"""The training entry point: the README's main job, dry run, 2-process DDP on gloo, accumulation, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from miras.train import main
+
+TINY = [
+    "--model-size",
+    "xs",
+    "--dataset",
+    "builtin",
+    "--seq-len",
+    "64",
+    "--batch-size",
+    "2",
+    "--device",
+    "cpu",
+    "--log-every",
+    "1",
+    "--eval-batches",
+    "1",
+    "--no-grad-checkpoint",
+]
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """Accelerate keeps one process-wide state; in-process runs with other settings need it reset."""
+    from accelerate.state import AcceleratorState
+
+    saved = dict(os.environ)  # Accelerator also exports its settings as ACCELERATE_* variables
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def run_module(args, env=None, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_readme_main_job_trains_and_the_loss_falls(tmp_path):
+    result = run_module(
+        [
+            "miras.train",
+            *TINY,
+            "--max-steps",
+            "40",
+            "--lr",
+            "3e-3",
+            "--log-every",
+            "10",
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            "demo",
+        ]
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = read_metrics(tmp_path / "demo")
+    assert rows[-1]["step"] == 40 and rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert "eval_loss" in rows[-1]
+    config = json.loads((tmp_path / "demo" / "config.json").read_text())
+    assert config["world_size"] == 1 and config["versions"]["torch"] == torch.__version__
+
+
+def test_dry_run_is_quick_and_writes_nothing(tmp_path):
+    assert main(["--dry-run", "--output-dir", str(tmp_path)]) == 0
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_bf16_and_fp32_both_run(tmp_path, precision):
+    args = [*TINY, "--precision", precision, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "p"]
+    assert main(args) == 0
+
+
+def test_grad_accumulation_matches_the_large_batch(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    weights = {}
+    for name, batch, accum in (("big", "8", "1"), ("accum", "2", "4")):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        for variable in [v for v in os.environ if v.startswith("ACCELERATE_")]:
+            monkeypatch.delenv(variable)
+        monkeypatch.setenv("MIRAS_TEST_RECORD", str(tmp_path / name))
+        args = [
+            *TINY,
+            "--batch-size",
+            batch,
+            "--grad-accum",
+            accum,
+            "--max-steps",
+            "1",
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            name,
+            "--eval-batches",
+            "1",
+        ]
+        assert main(args) == 0
+        weights[name] = torch.load(tmp_path / name / "weights_rank0.pt")
+    for key, value in weights["big"].items():
+        # Adam divides by |g|: where a gradient is ~0, rounding moves a weight by a small fraction of lr.
+        torch.testing.assert_close(weights["accum"][key], value, rtol=1e-4, atol=2e-5)
+
+
+def test_two_process_gloo_run_really_has_two_ranks(tmp_path):
+    env = {"ACCELERATE_USE_CPU": "1", "MIRAS_EXPECT_WORLD_SIZE": "2", "MIRAS_TEST_RECORD": str(tmp_path / "rec")}
+    result = run_module(
+        [
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "miras.train",
+            *TINY,
+            "--max-steps",
+            "3",
+            "--output-dir",
+            str(tmp_path),
+            "--run-name",
+            "ddp",
+        ],
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads((tmp_path / "rec" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world_size"] for r in records] == [2, 2]
+    rows = [{tuple(row) for row in r["rows"]} for r in records]
+    assert rows[0] and not (rows[0] & rows[1])  # disjoint data
+    weights = [torch.load(tmp_path / "rec" / f"weights_rank{r}.pt") for r in (0, 1)]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key  # identical after the steps
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model-size", "xxl"], "argument --model-size: invalid choice: 'xxl'"),
+        (["--dataset", "no/such/file.jsonl"], "no such file"),
+        (["--dataset", "HuggingFaceFW/fineweb-edu"], "offline: use --dataset builtin"),
+        (["--seq-len", "0"], "argument --seq-len: 0 is not positive"),
+        (["--tokenizer", "no-such-tokenizer-xyz"], "--tokenizer 'no-such-tokenizer-xyz'"),
+        (["--batch-size", "-1"], "argument --batch-size/--microbatch-size: -1 is not positive"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_run_folder(tmp_path, args, message):
+    base = ["--dataset", "builtin", "--device", "cpu", "--max-steps", "1", "--output-dir", str(tmp_path)]
+    result = run_module(["miras.train", *base, *args])
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert message in lines[-1]
+    assert "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())
