@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dry-run-microbatch-size", type=_positive_int, default=2)
     add("--dry-run-vocab-size", type=_positive_int, default=257)
     add("--dry-run-full-model", action="store_true", help="use --model-size instead of the tiny dry-run model")
+    for action in parser._actions:  # mark the seed's names where ours differ
+        if len(action.option_strings) > 1 and action.dest != "help":
+            aliases = ", ".join(action.option_strings[1:])
+            action.help = f"{action.help or ''} [seed alias: {aliases}]".strip()
     return parser
 
 
