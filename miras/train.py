@@ -249,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.dataset == SYNTHETIC_RECALL:
                 window_accuracy.append(recall_accuracy(output.logits.detach(), inputs["labels"]))
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip else float("inf"))
+        if not math.isfinite(float(grad_norm)):
+            # Never step on a NaN/inf gradient: the weights would be lost. (fp16's scaler skips such steps itself.)
+            if accelerator.mixed_precision != "fp16":
+                logger.close()
+                return fail(f"the gradient norm is not finite ({float(grad_norm)}) at step {step + 1}; stopping")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
