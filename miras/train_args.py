@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument_group("model").add_argument
     add("--model-size", default="xs", choices=list(MODEL_SIZES), help="size preset (default: xs)")
-    add("--compile", action="store_true", help="torch.compile the model")
+    add("--compile", action="store_true", help="torch.compile the memory's chunk step (the hot loop)")
     add("--no-grad-checkpoint", action="store_true", help="disable block activation checkpointing (on by default)")
     add(
         "--moneta-detach-state-every",

