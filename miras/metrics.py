@@ -6,6 +6,7 @@ import json
 import os
 import re
 import resource
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -114,9 +115,9 @@ def start_wandb(args, run_dir: Path, config: dict[str, Any]):
     wandb_dir = run_dir / "wandb"
     wandb_dir.mkdir(parents=True, exist_ok=True)
     for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
-        os.environ.setdefault(variable, str(wandb_dir))
+        os.environ[variable] = str(wandb_dir)  # everything wandb writes stays with the run
     id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(8)
     id_file.write_text(run_id + "\n")
     run = wandb.init(
         project=args.wandb_project or os.environ.get("WANDB_PROJECT", "miras"),

@@ -162,3 +162,20 @@ def test_bad_input_is_one_line_exit_2_and_no_run_folder(tmp_path, args, message)
     assert message in lines[-1]
     assert "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_wandb_offline_keeps_its_files_in_the_run_folder_and_reuses_the_id(tmp_path):
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_API_KEY": "x" * 40}
+    for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        env[variable] = ""
+    args = [*TINY, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "wb", "--wandb"]
+    ids = []
+    for _ in range(2):
+        result = run_module(["miras.train", *args], env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        ids.append((tmp_path / "wb" / "wandb_id").read_text().strip())
+    assert ids[0] == ids[1]
+    offline_runs = list((tmp_path / "wb" / "wandb").rglob(f"offline-run-*-{ids[0]}"))
+    assert offline_runs, "wandb's files are not inside the run folder"
+    config_text = (tmp_path / "wb" / "config.json").read_text()
+    assert "x" * 40 not in config_text and "x" * 40 not in result.stdout + result.stderr
