@@ -203,7 +203,28 @@ class PackedTokenStream:
             self.position = state["position"]
 
 
-class RecallStream:
+class _CountedBatches:
+    """Batches that are a pure function of (seed, rank, split, index): the position is the index."""
+
+    def __init__(self, config: DataConfig, evaluation: bool):
+        self.config = config
+        self.index = 0
+        self.salt = 1 if evaluation else 0
+
+    def _generator(self) -> torch.Generator:
+        c = self.config
+        generator = torch.Generator().manual_seed(hash((c.seed, c.rank, self.salt, self.index)) % 2**63)
+        self.index += 1
+        return generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index = state["index"]
+
+
+class RecallStream(_CountedBatches):
     """Associative recall: `k1 v1 ... kn vn SEP q1 a1 ...`, labels only on the answers.
 
     Keys and values are byte ids (keys 0..63, values 64..127, SEP 128), so the byte tokenizer
@@ -214,15 +235,11 @@ class RecallStream:
     KEYS, VALUES, SEP = 64, 64, 128
 
     def __init__(self, config: DataConfig, *, evaluation: bool = False):
-        self.config = config
+        super().__init__(config, evaluation)
         self.pairs = max(1, min(self.KEYS, (config.seq_len - 1) // 4))
-        self.index = 0
-        self.salt = 1 if evaluation else 0
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        c = self.config
-        generator = torch.Generator().manual_seed(hash((c.seed, c.rank, self.salt, self.index)) % 2**63)
-        self.index += 1
+        c, generator = self.config, self._generator()
         pairs, rows, labels = self.pairs, [], []
         for _ in range(c.batch_size):
             keys = torch.randperm(self.KEYS, generator=generator)[:pairs]
@@ -239,33 +256,18 @@ class RecallStream:
             labels.append(label)
         return {"input_ids": torch.stack(rows), "labels": torch.stack(labels)}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"index": self.index}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.index = state["index"]
-
-
-class RandomTokenStream:
+class RandomTokenStream(_CountedBatches):
     """Uniformly random tokens (the seed's --data-source random): a speed and memory probe."""
 
     def __init__(self, config: DataConfig, vocab_size: int, *, evaluation: bool = False):
-        self.config, self.vocab_size = config, vocab_size
-        self.index = 0
-        self.salt = 1 if evaluation else 0
+        super().__init__(config, evaluation)
+        self.vocab_size = vocab_size
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         c = self.config
-        generator = torch.Generator().manual_seed(hash((c.seed, c.rank, self.salt, self.index)) % 2**63)
-        self.index += 1
-        ids = torch.randint(0, self.vocab_size, (c.batch_size, c.seq_len), generator=generator)
+        ids = torch.randint(0, self.vocab_size, (c.batch_size, c.seq_len), generator=self._generator())
         return {"input_ids": ids, "labels": ids}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"index": self.index}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.index = state["index"]
 
 
 def open_stream(config: DataConfig, tokenizer, *, evaluation: bool = False):

@@ -81,7 +81,8 @@ def test_ranks_read_disjoint_documents_and_eval_is_held_out(tmp_path):
         s = stream(path, rank=rank, world=2)
         seen.append(doc_ids([s.next_batch() for _ in range(12)]))
     assert seen[0] and seen[1] and not (seen[0] & seen[1])
-    held_out = doc_ids([stream(path).__class__(stream(path).config, byte_tokenizer(), evaluation=True).next_batch()])
+    evaluation = PackedTokenStream(stream(path).config, byte_tokenizer(), evaluation=True)
+    held_out = doc_ids([evaluation.next_batch()])
     assert held_out <= {0, 1, 2, 3}
     assert not (held_out & (seen[0] | seen[1]))
 
