@@ -1,0 +1,97 @@
+"""manifest.json: every file of a checkpoint with its size and sha256, written last.
+
+A folder whose manifest is missing, unreadable, or disagrees with the files does not count as a
+checkpoint. Storage code uses the same check after a download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .layout import MANIFEST_NAME
+
+FORMAT_VERSION = 1
+_HASH_BLOCK = 8 << 20
+
+
+class ManifestError(Exception):
+    """A checkpoint folder that is not a valid, complete checkpoint."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
+
+
+def build_manifest(folder: Path, step: int, milestone: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Describe every file under `folder` (except the manifest itself): relative POSIX path -> size, sha256."""
+    folder = Path(folder)
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(folder)
+    }
+    return {
+        "format": FORMAT_VERSION,
+        "step": int(step),
+        "milestone": bool(milestone),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **(extra or {}),
+        "files": files,
+    }
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Write manifest.json durably (temp file, fsync, rename)."""
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_name(MANIFEST_NAME + ".tmp")
+    with open(tmp, "w") as handle:
+        json.dump(manifest, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ManifestError(f"{folder}: no {MANIFEST_NAME} (an incomplete checkpoint)") from None
+    except (OSError, ValueError) as error:
+        raise ManifestError(f"{path}: unreadable ({error})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+        raise ManifestError(f"{path}: not a miras manifest (no 'files' or 'step')")
+    return manifest
+
+
+def verify_folder(folder: Path, check_hashes: bool = True) -> list[str]:
+    """Problems found in a checkpoint folder against its manifest; an empty list means valid."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except ManifestError as error:
+        return [str(error)]
+    problems = []
+    for name, entry in sorted(manifest["files"].items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        size = path.stat().st_size
+        if size != entry["size"]:
+            problems.append(f"{name}: size {size}, manifest says {entry['size']}")
+        elif check_hashes and sha256_file(path) != entry["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest")
+    return problems
