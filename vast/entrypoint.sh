@@ -76,9 +76,12 @@ install_rclone() {
 write_service_account_key() {
     mkdir -p "$SECRETS_DIR"
     chmod 700 "$SECRETS_DIR"
-    local tmp
+    local tmp encoded
+    # Whitespace dropped and lost '=' padding restored (some env parsers cut values at '=').
+    encoded=$(printf '%s' "$GDRIVE_SERVICE_ACCOUNT_JSON_B64" | tr -d ' \t\r\n')
+    while [ $((${#encoded} % 4)) -ne 0 ]; do encoded="$encoded="; done
     tmp=$(mktemp "$SECRETS_DIR/.gdrive-sa.XXXXXX")
-    if ! printf '%s' "$GDRIVE_SERVICE_ACCOUNT_JSON_B64" | tr -d ' \r\n' | base64 -d >"$tmp" 2>/dev/null; then
+    if ! printf '%s' "$encoded" | base64 -d >"$tmp" 2>/dev/null; then
         rm -f "$tmp"
         die "GDRIVE_SERVICE_ACCOUNT_JSON_B64 is not valid base64 (expected: base64 of the service account's JSON key)"
     fi
