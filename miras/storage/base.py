@@ -1,0 +1,90 @@
+"""The `StorageBackend` protocol, its errors, and key helpers shared by every backend.
+
+A backend is opened on one destination URL (its *base*, e.g. `s3://bucket/runs`); keys are
+`/`-separated paths relative to that base (`my-run/checkpoints/step_00000012/manifest.json`).
+Storage moves bytes between local files and keys; it knows nothing of torch or models.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+# Temporary names used by atomic puts: listing never returns them.
+TMP_MARKER = ".miras-tmp-"
+_SECRET_WORDS = re.compile(r"secret|token|passw|credential|private|key|auth|session", re.IGNORECASE)
+
+
+class StorageError(Exception):
+    """A storage failure or a bad storage setting, with a one-line message meant for the user."""
+
+
+class MissingKeyError(StorageError, FileNotFoundError):
+    """`get` of a key that does not exist under the destination."""
+
+
+@runtime_checkable
+class StorageBackend(Protocol):
+    """One instance per destination URL; keys are relative to that URL.
+
+    put:    upload a local file under `key`, atomically from a reader's point of view (no half-written
+            object ever visible under the final name) and leaving exactly one object under that name.
+    get:    download `key` into the local path (created with its parents); MissingKeyError if absent.
+    list:   every key under the folder `prefix` (recursive; "" = everything), as full keys relative to
+            the base; [] when the folder does not exist. Temporary upload names are never listed.
+    delete: remove `key`; a key that does not exist is not an error.
+    """
+
+    url: str
+
+    def put(self, local: Path, key: str) -> None: ...
+
+    def get(self, key: str, local: Path) -> None: ...
+
+    def list(self, prefix: str) -> list[str]: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+def clean_key(key: str) -> str:
+    """Normalise a key: forward slashes, no leading/trailing slash, no empty, `.` or `..` parts."""
+    parts = [p for p in str(key).replace("\\", "/").split("/") if p not in ("", ".")]
+    if any(p == ".." for p in parts):
+        raise StorageError(f"bad storage key {key!r}: '..' is not allowed")
+    return "/".join(parts)
+
+
+def join_key(*parts: str) -> str:
+    return clean_key("/".join(p for p in parts if p))
+
+
+def under_prefix(key: str, prefix: str) -> bool:
+    """Folder semantics: `key` lies in folder `prefix` ('' holds everything)."""
+    prefix = clean_key(prefix)
+    return not prefix or key == prefix or key.startswith(prefix + "/")
+
+
+def is_tmp_key(key: str) -> bool:
+    return TMP_MARKER in key.rsplit("/", 1)[-1]
+
+
+def one_line(error: BaseException | str, limit: int = 400) -> str:
+    """A short single-line description of an error."""
+    if isinstance(error, BaseException):
+        text = str(error).strip() or type(error).__name__
+        if not isinstance(error, StorageError):
+            text = f"{type(error).__name__}: {text}"
+    else:
+        text = error
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def redact(text: str, options: dict[str, str] | None = None, extra_secrets: tuple[str, ...] = ()) -> str:
+    """Replace secret option values (keys naming a secret/token/key/...) and `extra_secrets` by ***."""
+    secrets = [v for k, v in (options or {}).items() if _SECRET_WORDS.search(k) and isinstance(v, str)]
+    for value in sorted([*secrets, *extra_secrets], key=len, reverse=True):
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
