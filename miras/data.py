@@ -197,6 +197,7 @@ class PackedTokenStream:
         self.epoch = state["epoch"]
         self.pending = list(state["pending"])
         if self.streaming:
+            self.stream.set_epoch(self.epoch)
             self.stream.load_state_dict(state["stream"])
             self.iterator = None
         else:

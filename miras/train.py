@@ -1,16 +1,19 @@
 """Train MONETA: `python -m miras.train`, `miras train`, `accelerate launch -m miras.train`.
 
-The recipe, top to bottom: parse and validate everything (nothing is written before that), build
-the tokenizer, the data stream of this rank and the model, wrap them with Accelerate, then loop:
-grad-accum micro-steps, clip, AdamW, cosine schedule; log, evaluate, stop on the step, token or
-time budget.
+The recipe, top to bottom: parse and validate everything (nothing is written before that), take the
+run's lock, find the checkpoint to resume from, build the tokenizer, the data stream of this rank and
+the model, wrap them (DDP through Accelerate, or FSDP2), restore the trainer state, then loop:
+grad-accum micro-steps, clip, AdamW, cosine schedule; log, evaluate, checkpoint on the clock, stop on
+the step, token or time budget or a signal.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -18,6 +21,27 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import layout
+from .checkpoint.catalog import committed, find_resumable
+from .checkpoint.commit import CheckpointCommitter, remove_stale_tmp
+from .checkpoint.faults import fault_point
+from .checkpoint.files import checkpoints_dir, write_text_atomic
+from .checkpoint.lock import RunLock, RunLockedError
+from .checkpoint.manifest import verify_folder
+from .checkpoint.schedule import CheckpointSchedule
+from .checkpoint.trainer_state import (
+    SCHEDULER_STATE,
+    TRAINER_STATE,
+    capture_rng,
+    full_model_state,
+    load_optimizer,
+    rank_state_name,
+    read_trainer_state,
+    restore_rng,
+    save_optimizer,
+    save_weights,
+    write_json,
+)
 from .configuration import MonetaConfig
 from .data import (
     SYNTHETIC_RECALL,
@@ -38,6 +62,7 @@ from .metrics import (
     write_run_config,
 )
 from .modeling import MonetaForCausalLM
+from .parallel import as_float, gradient_sync, shard_model, take_fsdp_request
 from .tokenizer import TokenizerError, load_tokenizer
 from .train_args import parse_args
 
@@ -49,11 +74,29 @@ NO_DECAY_NAMES = (
     "memory_a1",
     "memory_a2",
 )
+# Model fields a resumed run must share with its checkpoint (anything else may change).
+SHAPE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_heads",
+    "intermediate_size",
+    "vocab_size",
+    "chunk_size",
+    "mem_expansion",
+    "p",
+    "q",
+    "conv_size",
+    "channelwise_gates",
+)
+EXIT_USAGE, EXIT_FAILED, EXIT_DIVERGED = 2, 1, 3
 
 
-def fail(message: str) -> int:
-    print(f"miras train: error: {message}", file=sys.stderr)
-    return 2
+class TrainingStopped(Exception):
+    """Ends the run with a one-line message and an exit code (2 user error, 1 failure, 3 diverged)."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
 
 
 def resolve_precision(args) -> str:
@@ -119,25 +162,83 @@ def evaluate(model, accelerator, eval_stream, batches: int) -> float:
     return float(accelerator.reduce(mean, reduction="mean"))
 
 
+class StopSignals:
+    """SIGTERM/SIGINT set a flag the loop reads at the next step boundary; a second one exits at once."""
+
+    def __init__(self):
+        self.received: str | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            print(f"miras train: second {name}: exiting now without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.received = name
+        print(f"miras train: {name} received: checkpointing at the end of this step, then exiting", flush=True)
+
+
+def broadcast(accelerator, value):
+    """Rank 0's Python value on every rank."""
+    if accelerator.num_processes == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def agree_flags(accelerator, rank0_flags: list[bool], any_flags: list[bool]) -> tuple[list[bool], list[bool]]:
+    """Rank 0 decides `rank0_flags` (clock-based: ranks' clocks differ); `any_flags` are true if any rank says so.
+    One small all-reduce per step, so ranks never disagree about checkpointing or stopping."""
+    if accelerator.num_processes == 1:
+        return rank0_flags, any_flags
+    import torch.distributed as dist
+
+    mine = rank0_flags if accelerator.is_main_process else [False] * len(rank0_flags)
+    values = torch.tensor([float(x) for x in mine + any_flags], device=accelerator.device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    flags = [bool(x) for x in values.tolist()]
+    return flags[: len(rank0_flags)], flags[len(rank0_flags) :]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        return train(args)
+    except TrainingStopped as stop:
+        print(f"miras train: error: {stop}", file=sys.stderr, flush=True)
+        return stop.code
+
+
+def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpose
     if args.device == "cuda" and not torch.cuda.is_available():
-        return fail("--device cuda: no CUDA device is visible (accepted here: auto, cpu)")
+        raise TrainingStopped("--device cuda: no CUDA device is visible (accepted here: auto, cpu)")
     if args.device == "mps" and not torch.backends.mps.is_available():
-        return fail("--device mps: MPS is not available (accepted here: auto, cpu)")
+        raise TrainingStopped("--device mps: MPS is not available (accepted here: auto, cpu)")
 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    use_fsdp = take_fsdp_request(args.fsdp)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=resolve_precision(args))
     world_size, rank = accelerator.num_processes, accelerator.process_index
+    main_process = accelerator.is_main_process
     expected = os.environ.get("MIRAS_EXPECT_WORLD_SIZE")
     if expected is not None and int(expected) != world_size:
-        return fail(f"world size is {world_size}, but MIRAS_EXPECT_WORLD_SIZE={expected}")
+        raise TrainingStopped(f"world size is {world_size}, but MIRAS_EXPECT_WORLD_SIZE={expected}")
+    if use_fsdp and world_size == 1:
+        raise TrainingStopped("--fsdp needs several processes (launch with accelerate launch or torchrun)")
+    if use_fsdp and accelerator.mixed_precision == "fp16":
+        raise TrainingStopped("--precision fp16 with FSDP2 is not supported (accepted: bf16, fp32)")
     if args.global_batch_size is not None:
         per_step = args.batch_size * world_size
         if args.global_batch_size % per_step:
-            return fail(
+            raise TrainingStopped(
                 f"--global-batch-size {args.global_batch_size} is not a multiple of --batch-size x processes "
                 f"= {per_step}"
             )
@@ -175,9 +276,59 @@ def main(argv: list[str] | None = None) -> int:
         first_batch = train_stream.next_batch()
         model_config = build_model_config(args, tokenizer)
     except (DataError, TokenizerError, ValueError) as error:
-        return fail(str(error))
+        raise TrainingStopped(str(error)) from None
+    source = args.resume if args.resume not in (None, "auto") else args.init_from
+    if source is not None:
+        _check_checkpoint_argument(source, "--resume" if args.resume else "--init-from")
 
-    model = MonetaForCausalLM(model_config)
+    writes = not args.dry_run
+    run_dir = Path(args.output_dir) / args.run_name
+    ckpt_dir = checkpoints_dir(run_dir)
+
+    # One writer per run; then the checkpoint to continue from, decided on rank 0.
+    lock = RunLock(run_dir)
+    decision = {"error": None, "resume": None, "finished": False}
+    if main_process and writes:
+        if args.resume == "auto" and (run_dir / layout.FINISHED_NAME).exists():
+            decision["finished"] = True
+        else:
+            try:
+                lock.acquire()
+                remove_stale_tmp(ckpt_dir)
+                if args.resume == "auto":
+                    found = find_resumable(ckpt_dir, warn=lambda m: print(f"miras train: warning: {m}", flush=True))
+                    decision["resume"] = str(found) if found else None
+                elif args.resume:
+                    decision["resume"] = args.resume
+                elif committed(ckpt_dir):
+                    decision["error"] = (
+                        f"run folder {run_dir} already has checkpoints (newest {committed(ckpt_dir)[-1].name}): "
+                        "pass --resume auto to continue it, or choose another --run-name"
+                    )
+            except RunLockedError as error:
+                decision["error"] = str(error)
+    decision = broadcast(accelerator, decision)
+    if decision["error"] and main_process:
+        lock.release()
+    if decision["finished"]:
+        if main_process:
+            print(f"miras train: {args.run_name}: already finished ({run_dir / layout.FINISHED_NAME}); nothing to do")
+        return 0
+    if decision["error"]:
+        raise TrainingStopped(decision["error"])
+    resume_dir = Path(decision["resume"]) if decision["resume"] else None
+    trainer_state = read_trainer_state(resume_dir) if resume_dir else None
+    if trainer_state is not None:
+        _check_resume_compatible(args, resume_dir, trainer_state, model_config, world_size)
+
+    weights_from = resume_dir or (Path(args.init_from) if args.init_from else None)
+    if weights_from is not None:
+        model = MonetaForCausalLM.from_pretrained(weights_from, dtype=torch.float32)
+        if args.init_from:
+            _check_shape(MonetaConfig.from_pretrained(weights_from), model_config, "--init-from")
+    else:
+        model = MonetaForCausalLM(model_config)
+    model_config = model.config
     num_parameters = sum(p.numel() for p in model.parameters())
     if not args.no_grad_checkpoint:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -190,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * world_size
     total_steps = args.max_steps or max(1, args.max_tokens // tokens_per_step)
     warmup = args.warmup_steps if args.warmup_steps is not None else min(2000, max(1, total_steps // 50))
+    if use_fsdp:
+        model = shard_model(model, accelerator.device)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, args.weight_decay),
         lr=args.lr,
@@ -198,43 +351,150 @@ def main(argv: list[str] | None = None) -> int:
         fused=torch.cuda.is_available() or None,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, total_steps))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if use_fsdp:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    else:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    bare_model = model if use_fsdp else accelerator.unwrap_model(model)
+    bare_optimizer = getattr(optimizer, "optimizer", optimizer)
 
-    run_dir = None if args.dry_run else Path(args.output_dir) / args.run_name
+    # The trainer state: step, tokens, clocks, optimizer, scheduler, data position and RNG of this rank.
+    schedule = CheckpointSchedule(args.ckpt_every_seconds, args.ckpt_every_steps, args.ckpt_milestone_every_seconds)
+    step, tokens_seen, training_time, batch = 0, 0, 0.0, first_batch
+    if trainer_state is not None:
+        load_optimizer(bare_model, bare_optimizer, resume_dir)
+        scheduler.load_state_dict(torch.load(resume_dir / SCHEDULER_STATE, weights_only=False))
+        step, tokens_seen = trainer_state["step"], trainer_state["tokens_seen"]
+        training_time = trainer_state["training_time"]
+        schedule.load_clock_state(trainer_state["schedule"])
+        rank_file = resume_dir / rank_state_name(rank)
+        if trainer_state["world_size"] == world_size:
+            rank_state = torch.load(rank_file, weights_only=False)
+            train_stream.load_state_dict(rank_state["data"])
+            restore_rng(rank_state["rng"])
+            batch = None  # the prefetched first batch belongs to a fresh start
+        elif main_process:
+            print(
+                f"miras train: warning: world size {trainer_state['world_size']} -> {world_size} "
+                "(--allow-world-size-change): each rank's data stream restarts at the beginning of its new part",
+                flush=True,
+            )
+
     run_record = {
         **{k: v for k, v in vars(args).items()},
         "world_size": world_size,
+        "fsdp": use_fsdp,
         "tokens_per_step": tokens_per_step,
         "total_steps": total_steps,
         "warmup_steps": warmup,
         "num_parameters": num_parameters,
         "model_config": model_config.to_dict(),
         "versions": _versions(),
+        "resumed_from": str(resume_dir) if resume_dir else None,
     }
     wandb_run = None
-    if accelerator.is_main_process and run_dir is not None:
+    if main_process and writes:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(run_dir, run_record)
+        if trainer_state is not None:
+            _truncate_metrics(run_dir / "metrics.jsonl", step)
+            if trainer_state.get("wandb_id") and not (run_dir / layout.WANDB_ID_NAME).exists():
+                (run_dir / layout.WANDB_ID_NAME).write_text(trainer_state["wandb_id"] + "\n")
+            _log_changes(args, trainer_state)
         if args.wandb:
             wandb_run = start_wandb(args, run_dir, run_record)
-    logger = RunLogger(run_dir, total_steps, 0, accelerator.is_main_process, wandb_run)
-    if accelerator.is_main_process:
+        _warn_about_disk(args, run_dir, num_parameters)
+    logger = RunLogger(run_dir if writes else None, total_steps, step, main_process, wandb_run)
+    if main_process:
+        what = f"resuming from {resume_dir.name} (step {step})" if resume_dir else "starting"
         print(
-            f"miras train: {args.run_name}: {num_parameters / 1e6:.1f}M parameters, world size {world_size}, "
-            f"{tokens_per_step} tokens/step, {total_steps} steps, precision {accelerator.mixed_precision}",
+            f"miras train: {args.run_name}: {what}; {num_parameters / 1e6:.1f}M parameters, world size {world_size}"
+            f"{' (FSDP2)' if use_fsdp else ''}, {tokens_per_step} tokens/step, {total_steps} steps, "
+            f"precision {accelerator.mixed_precision}",
             flush=True,
         )
 
+    committer = CheckpointCommitter(
+        ckpt_dir,
+        keep_last=args.ckpt_keep_last,
+        keep_milestones=args.ckpt_keep_milestones,
+        prune_enabled=not args.no_ckpt_prune,
+        weights_only_milestones=args.milestone_weights_only,
+        log=lambda m: print(f"miras train: {m}", flush=True),
+    )
+    pending_optimizer = []  # this rank's optimizer shard write in flight
+
+    def wait_for_checkpoint() -> None:
+        committer.wait()
+        for future in pending_optimizer:
+            future.result()
+        pending_optimizer.clear()
+
+    def checkpoint(milestone: bool, final: bool) -> None:
+        wait_for_checkpoint()  # the next checkpoint waits for the previous one to commit
+        tmp = committer.tmp_dir(step)
+        if main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / layout.TRAINER_DIR).mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        # Per-rank state first (small, synchronous): the optimizer save below is collective, so once it
+        # completes on rank 0 every rank's file is on disk.
+        torch.save({"rng": capture_rng(), "data": train_stream.state_dict()}, tmp / rank_state_name(rank))
+        weights = full_model_state(bare_model)
+        if record is not None:  # test-only: the live model's logits, to compare with the loaded checkpoint
+            _record_logits(Path(record_dir), bare_model, model_config, step, main_process)
+        pending_optimizer.append(save_optimizer(bare_model, bare_optimizer, tmp))
+        schedule.record(training_time, milestone)
+        if not main_process:
+            return
+        state = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "training_time": training_time,
+            "schedule": schedule.clock_state(),
+            "world_size": world_size,
+            "fsdp": use_fsdp,
+            "seq_len": args.seq_len,
+            "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum,
+            "lr": args.lr,
+            "total_steps": total_steps,
+            "wandb_id": _read_wandb_id(run_dir),
+            "milestone": milestone,
+        }
+        scheduler_state = scheduler.state_dict()
+        config = MonetaConfig.from_dict(model_config.to_dict())
+
+        def write(folder: Path) -> None:
+            save_weights(folder, weights, config, tokenizer, args.ckpt_shard_size)
+            write_json(folder / TRAINER_STATE, state)
+            torch.save(scheduler_state, folder / SCHEDULER_STATE)
+
+        committer.submit(
+            step,
+            milestone,
+            write,
+            wait_for=list(pending_optimizer),
+            manifest_extra={"final": final, "versions": _versions()},
+            final=final,
+        )
+        pending_optimizer.clear()  # rank 0's committer waits for it
+
+    stop_signals = StopSignals()
+    stop_signals.install()
     flops_per_token = training_flops_per_token(num_parameters)
     peak = peak_tflops(accelerator.device, args.peak_tflops)
-    training_time, window_start, window_tokens = 0.0, time.perf_counter(), 0
+    window_start, window_tokens = time.perf_counter(), 0
     window_losses, window_accuracy = [], []
-    tokens_seen, step, batch = 0, 0, first_batch
+    nan_step = int(os.environ.get("MIRAS_TEST_NAN_AT_STEP", "0"))  # test-only: poison the loss at this step
     # Test-only: MIRAS_TEST_RECORD=DIR makes each rank write what it read and the weights it ended with.
     record_dir = os.environ.get("MIRAS_TEST_RECORD")
     record = {"rank": rank, "world_size": world_size, "rows": [], "losses": []} if record_dir else None
-    while step < total_steps:
+    finished = step >= total_steps
+    stopped_by = None
+    while not finished:
         started = time.perf_counter()
+        step_losses = []
         for micro in range(args.grad_accum):
             batch = batch if batch is not None else train_stream.next_batch()
             if record is not None:
@@ -242,42 +502,59 @@ def main(argv: list[str] | None = None) -> int:
             inputs = {k: v.to(accelerator.device) for k, v in batch.items()}
             batch = None
             last = micro == args.grad_accum - 1
-            context = accelerator.no_sync(model) if not last else contextlib.nullcontext()
-            with context, accelerator.autocast():
+            with gradient_sync(model, accelerator, last), accelerator.autocast():
                 output = model(**inputs)
                 loss = output.loss / args.grad_accum
+                if nan_step == step + 1:
+                    loss = loss * float("nan")
             accelerator.backward(loss)
-            window_losses.append(loss.detach().float() * args.grad_accum)
+            step_losses.append(loss.detach().float() * args.grad_accum)
             if args.dataset == SYNTHETIC_RECALL:
                 window_accuracy.append(recall_accuracy(output.logits.detach(), inputs["labels"]))
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip else float("inf"))
-        if not math.isfinite(float(grad_norm)):
-            # Never step on a NaN/inf gradient: the weights would be lost. (fp16's scaler skips such steps itself.)
+        grad_norm = as_float(grad_norm)
+        step_loss = torch.stack(step_losses).mean()
+        if not (math.isfinite(grad_norm) and math.isfinite(float(step_loss))):
+            # Never step on (or checkpoint) a NaN/inf: `latest` keeps naming the last good checkpoint.
+            # (fp16's scaler skips such steps itself.)
             if accelerator.mixed_precision != "fp16":
                 logger.close()
-                return fail(f"the gradient norm is not finite ({float(grad_norm)}) at step {step + 1}; stopping")
+                wait_for_checkpoint()
+                raise TrainingStopped(
+                    f"the loss ({float(step_loss)}) or gradient norm ({grad_norm}) is not finite at step {step + 1}; "
+                    f"stopping without a checkpoint (latest good one: {_latest_name(ckpt_dir)})",
+                    EXIT_DIVERGED,
+                )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        window_losses.append(step_loss)
         step += 1
         tokens_seen += tokens_per_step
         window_tokens += tokens_per_step
         training_time += time.perf_counter() - started
         logger.advance()
 
-        out_of_time = bool(args.max_time) and training_time >= args.max_time
-        if step % args.log_every == 0 or step == total_steps or out_of_time:
+        # Decisions that depend on a clock are rank 0's; a signal on any rank stops all.
+        (ckpt_due, milestone, out_of_time), (signalled,) = agree_flags(
+            accelerator,
+            [
+                schedule.due(step, training_time),
+                schedule.is_milestone(training_time),
+                bool(args.max_time) and training_time >= args.max_time,
+            ],
+            [stop_signals.received is not None],
+        )
+        finished = step >= total_steps or out_of_time
+        if step % args.log_every == 0 or finished or signalled:
             loss_value = float(accelerator.reduce(torch.stack(window_losses).mean(), reduction="mean"))
-            if not math.isfinite(loss_value):
-                logger.close()
-                return fail(f"the loss is not finite ({loss_value}) at step {step}; stopping")
             elapsed = time.perf_counter() - window_start
             rate = window_tokens / max(elapsed, 1e-9)
             row = {
                 "step": step,
                 "loss": loss_value,
                 "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
                 "tokens_seen": tokens_seen,
                 "tokens_per_second": rate,
                 "mfu": rate * flops_per_token / (peak * 1e12 * world_size) if peak else None,
@@ -285,35 +562,156 @@ def main(argv: list[str] | None = None) -> int:
                 "elapsed": training_time,
                 "recall_accuracy": sum(window_accuracy) / len(window_accuracy) if window_accuracy else None,
             }
-            if (args.eval_every and step % args.eval_every == 0) or step == total_steps or out_of_time:
+            if (args.eval_every and step % args.eval_every == 0) or finished:
                 if args.eval_batches and not args.dry_run:
                     row["eval_loss"] = evaluate(model, accelerator, eval_stream(), args.eval_batches)
             logger.log(row)
             if record is not None:
                 record["losses"].append(loss_value)
             window_start, window_tokens, window_losses, window_accuracy = time.perf_counter(), 0, [], []
-        if out_of_time:
+        if writes and (ckpt_due or finished or signalled):
+            checkpoint(milestone, final=finished)
+            fault_point("step_checkpointed")
+        if signalled:
+            stopped_by = stop_signals.received or "a signal on another rank"
             break
 
+    wait_for_checkpoint()
     logger.close()
     accelerator.wait_for_everyone()
+    if committer.last_error is not None and (finished or stopped_by):
+        raise TrainingStopped(f"the final checkpoint failed: {committer.last_error}", EXIT_FAILED)
     if record is not None:
-        _write_record(Path(record_dir), record, accelerator.unwrap_model(model))
+        _write_record(Path(record_dir), record, bare_model)
     if wandb_run is not None:
         wandb_run.finish()
-    if accelerator.is_main_process:
-        print(f"miras train: {args.run_name}: done after {step} steps, {tokens_seen} tokens", flush=True)
+    if main_process:
+        if stopped_by:
+            print(
+                f"miras train: {args.run_name}: stopped by {stopped_by} at step {step}; checkpoint "
+                f"{_latest_name(ckpt_dir)} committed; continue with --resume auto",
+                flush=True,
+            )
+        else:
+            if writes:
+                write_text_atomic(run_dir / layout.FINISHED_NAME, f"step {step}\n")
+            print(f"miras train: {args.run_name}: done after {step} steps, {tokens_seen} tokens", flush=True)
+    lock.release()
     accelerator.end_training()
     return 0
 
 
+def _check_checkpoint_argument(source: str, flag: str) -> None:
+    path = Path(source)
+    if not path.is_dir():
+        raise TrainingStopped(f"{flag} {source!r}: no such checkpoint folder (expected a step_XXXXXXXX folder)")
+    problems = verify_folder(path)
+    if problems:
+        raise TrainingStopped(f"{flag} {source!r} is not a valid checkpoint: {problems[0]}")
+    if flag == "--resume" and not (path / TRAINER_STATE).is_file():
+        raise TrainingStopped(f"{flag} {source!r} holds weights only (use --init-from to start a new run from it)")
+
+
+def _check_shape(saved: MonetaConfig, wanted: MonetaConfig, flag: str) -> None:
+    for field in SHAPE_FIELDS:
+        if getattr(saved, field, None) != getattr(wanted, field, None):
+            raise TrainingStopped(
+                f"{flag}: the checkpoint's model has {field}={getattr(saved, field, None)!r} but this run asks for "
+                f"{getattr(wanted, field, None)!r} (model shape cannot change; match --model-size and --tokenizer)"
+            )
+
+
+def _check_resume_compatible(args, folder: Path, state: dict, model_config: MonetaConfig, world_size: int) -> None:
+    _check_shape(MonetaConfig.from_pretrained(folder), model_config, "--resume")
+    if state["seq_len"] != args.seq_len:
+        raise TrainingStopped(
+            f"--seq-len {args.seq_len}: the run being resumed trains with --seq-len {state['seq_len']} "
+            "(it cannot change on resume)"
+        )
+    if state["world_size"] != world_size and not args.allow_world_size_change:
+        raise TrainingStopped(
+            f"world size {world_size}: the checkpoint was written by {state['world_size']} processes; resume with "
+            f"{state['world_size']}, or pass --allow-world-size-change (data positions then restart; see README)"
+        )
+
+
+def _log_changes(args, state: dict) -> None:
+    for field, value in (("lr", args.lr), ("batch_size", args.batch_size), ("grad_accum", args.grad_accum)):
+        if field in state and state[field] != value:
+            print(f"miras train: note: {field} changes on resume: {state[field]} -> {value}", flush=True)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from, so metrics.jsonl reads as one run."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut by the kill
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def _read_wandb_id(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / layout.WANDB_ID_NAME).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _latest_name(ckpt_dir: Path) -> str:
+    from .checkpoint.files import read_latest
+
+    return read_latest(ckpt_dir) or "none"
+
+
+def _warn_about_disk(args, run_dir: Path, num_parameters: int) -> None:
+    """Compare the retention policy's estimated size with the free disk, and name the gap."""
+    if args.no_ckpt_prune:
+        kept = None
+    else:
+        kept = args.ckpt_keep_last + args.ckpt_keep_milestones
+    one = num_parameters * 4 * 3  # fp32 weights + AdamW's two moments
+    if kept is None:
+        return
+    needed = one * kept
+    free = shutil.disk_usage(run_dir).free
+    if needed > free:
+        print(
+            f"miras train: warning: keeping {kept} checkpoints of ~{one / 1e9:.2f} GB needs ~{needed / 1e9:.1f} GB, "
+            f"but {run_dir} has {free / 1e9:.1f} GB free (short by {(needed - free) / 1e9:.1f} GB); lower "
+            "--ckpt-keep-last/--ckpt-keep-milestones or use --milestone-weights-only",
+            flush=True,
+        )
+
+
 def _write_record(directory: Path, record: dict, model: torch.nn.Module) -> None:
-    import json
+    from .parallel import is_sharded
 
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    torch.save(state, directory / f"weights_rank{record['rank']}.pt")
+    # Replicated (DDP): each rank's own copy, to compare ranks. Sharded: the gathered whole, on rank 0.
+    if is_sharded(model):
+        state = full_model_state(model)
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if state:
+        torch.save({k: v.float() for k, v in state.items()}, directory / f"weights_rank{record['rank']}.pt")
     (directory / f"rank{record['rank']}.json").write_text(json.dumps(record))
+
+
+@torch.no_grad()
+def _record_logits(directory: Path, model, config, step: int, main: bool) -> None:
+    probe = torch.arange(96).remainder(config.vocab_size).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    logits = model(probe.to(next(model.parameters()).device)).logits.float().cpu()
+    model.train(was_training)
+    if main:
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save(logits, directory / f"logits_step{step}.pt")
 
 
 def _versions() -> dict[str, str]:

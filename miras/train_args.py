@@ -50,6 +50,22 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _byte_size(text: str) -> int:
+    """'2GB', '500MB', '123456' -> bytes (decimal units, as transformers' max_shard_size)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+    units.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30})
+    number = text.strip().upper().rstrip()
+    digits = number.rstrip("KMGTIB")
+    unit = number[len(digits) :]
+    try:
+        value = float(digits) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (expected e.g. 2GB, 500MB or a byte count)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive (expected e.g. 2GB)")
+    return int(value)
+
+
 def _positive_float(text: str) -> float:
     value = _non_negative_float(text)
     if value == 0:
@@ -148,6 +164,44 @@ def build_parser() -> argparse.ArgumentParser:
     add("--wandb-tags", default=None, help="comma-separated")
     add("--wandb-mode", default=None, choices=["online", "offline", "disabled"], help="default: $WANDB_MODE")
 
+    add = parser.add_argument_group("checkpoints and resume").add_argument
+    add("--ckpt-every-seconds", type=_non_negative_float, default=300.0, help="of training time (0: off)")
+    add("--ckpt-every-steps", type=_non_negative_int, default=0, help="also every N steps (0: off)")
+    add(
+        "--ckpt-milestone-every-seconds",
+        type=_non_negative_float,
+        default=3600.0,
+        help="a checkpoint is a milestone when this much training time passed since the last one",
+    )
+    add("--ckpt-keep-last", type=_non_negative_int, default=12, help="newest checkpoints kept")
+    add("--ckpt-keep-milestones", type=_non_negative_int, default=24, help="newest milestones kept (besides)")
+    add("--no-ckpt-prune", action="store_true", help="keep every checkpoint")
+    add(
+        "--milestone-weights-only",
+        action="store_true",
+        help="milestones leaving the keep-last set keep only the model (~3x less disk; no longer resumable)",
+    )
+    add("--ckpt-shard-size", type=_byte_size, default="2GB", help="safetensors shard size (default 2GB)")
+    add(
+        "--resume",
+        default=None,
+        help="'auto' (newest valid checkpoint of the run, else start fresh; needs --run-name), or a "
+        "checkpoint folder or URL",
+    )
+    add("--init-from", default=None, help="start a NEW run from a checkpoint's weights only")
+    add(
+        "--allow-world-size-change",
+        action="store_true",
+        help="resume with another number of processes (data positions restart; see README)",
+    )
+
+    add = parser.add_argument_group("distributed").add_argument
+    add(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer with FSDP2 (also set by accelerate_configs/fsdp.yaml)",
+    )
+
     add = parser.add_argument_group("dry run (a few offline steps, writes nothing)").add_argument
     add("--dry-run", action="store_true")
     add("--dry-run-dim", type=_positive_int, default=64)
@@ -170,6 +224,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.dataset == DEFAULT_HUB_DATASET and args.dataset_config is None:
         args.dataset_config = "sample-10BT"
     args.random_tokens = args.data_source == "random"
+    args.run_name_given = args.run_name is not None
+    if args.resume == "auto" and not args.run_name_given:
+        parser.error("argument --resume: 'auto' needs an explicit --run-name (a restart must find the same run)")
+    if args.resume and args.init_from:
+        parser.error("arguments --resume and --init-from: pick one (resume continues a run, init-from starts one)")
     if args.run_name is None:
         args.run_name = time.strftime("%Y%m%d-%H%M%S") + f"-{args.model_size}"
     elif not args.run_name or "/" in args.run_name or args.run_name.startswith("."):

@@ -1,0 +1,113 @@
+"""The background commit: write into step_XXXXXXXX.tmp/, fsync, manifest last, rename, point `latest`.
+
+The training loop hands over state that is already a CPU copy and goes on; one commit runs at a time
+(the next checkpoint waits for the previous one). Points of the protocol carry fault hooks so tests
+can kill the process exactly there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+from .faults import fault_point
+from .files import fsync_path, fsync_tree, write_latest
+from .layout import TMP_SUFFIX, checkpoint_name
+from .manifest import build_manifest, write_manifest
+from .retention import prune
+
+
+class CheckpointCommitter:
+    def __init__(
+        self,
+        folder: Path,
+        keep_last: int,
+        keep_milestones: int,
+        prune_enabled: bool = True,
+        weights_only_milestones: bool = False,
+        log: Callable[[str], None] = print,
+        on_commit: Callable[[Path, int, bool, bool], None] | None = None,
+    ):
+        self.folder = Path(folder)
+        self.keep_last, self.keep_milestones = keep_last, keep_milestones
+        self.prune_enabled, self.weights_only_milestones = prune_enabled, weights_only_milestones
+        self.log, self.on_commit = log, on_commit
+        self._thread: threading.Thread | None = None
+        self.last_error: BaseException | None = None
+        self.last_committed: Path | None = None
+        self.last_commit_seconds = 0.0
+
+    def tmp_dir(self, step: int) -> Path:
+        return self.folder / (checkpoint_name(step) + TMP_SUFFIX)
+
+    def wait(self) -> None:
+        """Block until the commit in flight (if any) has finished."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def submit(
+        self,
+        step: int,
+        milestone: bool,
+        write: Callable[[Path], None],
+        wait_for: Iterable[Future] = (),
+        manifest_extra: dict[str, Any] | None = None,
+        final: bool = False,
+        background: bool = True,
+    ) -> None:
+        """Commit checkpoint `step`: `write(tmp_dir)` writes this process's files, `wait_for` are other
+        writers (e.g. the sharded optimizer save of every rank) that must finish before the manifest."""
+        self.wait()
+        args = (step, milestone, write, list(wait_for), manifest_extra or {}, final)
+        if background:
+            self._thread = threading.Thread(target=self._run, args=args, name=f"miras-commit-{step}", daemon=True)
+            self._thread.start()
+        else:
+            self._run(*args)
+
+    def _run(self, step, milestone, write, wait_for, manifest_extra, final) -> None:
+        started = time.perf_counter()
+        tmp, final_dir = self.tmp_dir(step), self.folder / checkpoint_name(step)
+        try:
+            write(tmp)
+            fault_point("files_written")
+            for future in wait_for:
+                future.result()
+            fsync_tree(tmp)
+            manifest = build_manifest(tmp, step, milestone, manifest_extra)
+            fault_point("before_manifest")
+            write_manifest(tmp, manifest)
+            fault_point("before_rename")
+            if final_dir.exists():  # the same step saved again (e.g. a finished run restarted): replace it
+                shutil.rmtree(final_dir)
+            os.replace(tmp, final_dir)
+            fsync_path(self.folder)
+            fault_point("before_latest")
+            write_latest(self.folder, final_dir.name)
+            fault_point("after_commit")
+            self.last_committed = final_dir
+            self.last_commit_seconds = time.perf_counter() - started
+        except BaseException as error:  # reported by the loop; training goes on and the next one retries
+            self.last_error = error
+            self.log(f"error: checkpoint {checkpoint_name(step)} was not committed: {error}")
+            return
+        if self.prune_enabled:
+            prune(self.folder, self.keep_last, self.keep_milestones, self.weights_only_milestones, self.log)
+        if self.on_commit is not None:
+            try:
+                self.on_commit(final_dir, step, milestone, final)
+            except Exception as error:  # a sync hand-off must never break the commit
+                self.log(f"warning: after-commit hook failed for {final_dir.name}: {error}")
+
+
+def remove_stale_tmp(folder: Path) -> None:
+    """Half-written step_*.tmp folders of a dead process (the run lock says no one else is writing)."""
+    for path in Path(folder).glob("step_*" + TMP_SUFFIX):
+        shutil.rmtree(path, ignore_errors=True)
