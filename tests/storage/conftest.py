@@ -150,7 +150,12 @@ def drive(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def gdrive_options(drive):
-    return {"credentials_file": str(drive.key_file), "endpoint": drive.url, "chunksize": str(256 * 1024)}
+    return {
+        "credentials_file": str(drive.key_file),
+        "endpoint": drive.url,
+        "chunksize": str(256 * 1024),
+        "retry_delay": "0.05",
+    }
 
 
 @pytest.fixture(scope="session")
@@ -158,7 +163,7 @@ def gdrive_url(drive):
     return f"gdrive://{drive.root_id}/runs"
 
 
-BACKENDS = ["file", "memory", "gs", "s3", "rclone_local", "rclone_webdav"]
+BACKENDS = ["file", "memory", "gs", "s3", "rclone_local", "rclone_webdav", "gdrive"]
 
 
 def make_destination(kind: str, request, tmp_path_factory) -> tuple[str, dict[str, str]]:
