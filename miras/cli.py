@@ -9,6 +9,8 @@ import sys
 COMMANDS = {
     "train": ("train MONETA (same flags as python -m miras.train; see miras train --help)", "miras.train:main"),
     "ckpt": ("inspect checkpoints: miras ckpt verify PATH | miras ckpt ls RUN_DIR", "miras.checkpoint.cli:main"),
+    "estimate": ("parameters, checkpoint size, disk, upload/day and GPU memory of a run", "miras.estimate:main"),
+    "generate": ("sample text from a checkpoint folder, run folder or storage URL", "miras.generate:main"),
 }
 
 
