@@ -62,3 +62,10 @@ def as_float(value) -> float:
     """A norm that may be a DTensor (FSDP2) as a Python float."""
     full = getattr(value, "full_tensor", None)
     return float(full() if full is not None else value)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """After a forward without backward (evaluation), FSDP2 leaves the root's parameters gathered; shard them
+    again so the optimizer and state-dict code see the DTensor parameters they know."""
+    if hasattr(model, "reshard"):
+        model.reshard()

@@ -62,7 +62,7 @@ from .metrics import (
     write_run_config,
 )
 from .modeling import MonetaForCausalLM
-from .parallel import as_float, gradient_sync, shard_model, take_fsdp_request
+from .parallel import as_float, gradient_sync, reshard, shard_model, take_fsdp_request
 from .tokenizer import TokenizerError, load_tokenizer
 from .train_args import parse_args
 
@@ -157,6 +157,7 @@ def evaluate(model, accelerator, eval_stream, batches: int) -> float:
         batch = {k: v.to(accelerator.device) for k, v in eval_stream.next_batch().items()}
         with accelerator.autocast():
             losses.append(model(**batch).loss.float())
+    reshard(model)
     model.train()
     mean = torch.stack(losses).mean()
     return float(accelerator.reduce(mean, reduction="mean"))
@@ -692,6 +693,7 @@ def _write_record(directory: Path, record: dict, model: torch.nn.Module) -> None
     from .parallel import is_sharded
 
     directory.mkdir(parents=True, exist_ok=True)
+    record["sharded"] = is_sharded(model)
     # Replicated (DDP): each rank's own copy, to compare ranks. Sharded: the gathered whole, on rank 0.
     if is_sharded(model):
         state = full_model_state(model)
@@ -708,6 +710,7 @@ def _record_logits(directory: Path, model, config, step: int, main: bool) -> Non
     was_training = model.training
     model.eval()
     logits = model(probe.to(next(model.parameters()).device)).logits.float().cpu()
+    reshard(model)
     model.train(was_training)
     if main:
         directory.mkdir(parents=True, exist_ok=True)

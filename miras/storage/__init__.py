@@ -10,8 +10,11 @@ Storage knows nothing of torch or models; it only reads checkpoint names and man
 
 from .base import MissingKeyError, StorageBackend, StorageError, join_key
 from .registry import installed_schemes, open_backend, parse_options, url_scheme
+from .remote import download_checkpoint, find_remote_checkpoints, pull_latest, read_remote_latest, run_url
+from .sync import DRIVE_DAILY_UPLOAD_CAP, Syncer, drive_cap_warning, estimated_daily_bytes
 
 __all__ = [
+    "DRIVE_DAILY_UPLOAD_CAP",
     "MissingKeyError",
     "StorageBackend",
     "StorageError",
@@ -19,5 +22,13 @@ __all__ = [
     "join_key",
     "open_backend",
     "parse_options",
+    "Syncer",
+    "download_checkpoint",
+    "drive_cap_warning",
+    "estimated_daily_bytes",
+    "find_remote_checkpoints",
+    "pull_latest",
+    "read_remote_latest",
+    "run_url",
     "url_scheme",
 ]

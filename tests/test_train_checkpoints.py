@@ -1,0 +1,267 @@
+"""Checkpoints in real training runs: bit-identical resume (1 process, 2-process DDP, FSDP2), kills at
+random moments and inside the commit, corruption, SIGTERM, NaN, the run lock, `finished`, and every
+checkpoint loading with from_pretrained to the live model's logits."""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from miras.checkpoint import verify_folder
+from miras.checkpoint.catalog import committed
+
+TINY = ["--model-size", "xs", "--dataset", "builtin", "--seq-len", "32", "--batch-size", "2", "--device", "cpu"]
+TINY += ["--log-every", "1", "--eval-batches", "1", "--no-grad-checkpoint", "--lr", "3e-3", "--warmup-steps", "2"]
+BASE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(args, procs=1):
+    if procs == 1:
+        return [sys.executable, "-m", "miras.train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
+            str(free_port()), "-m", "miras.train", *args]  # fmt: skip
+
+
+def run(args, procs=1, env=None, timeout=600):
+    extra = {"ACCELERATE_USE_CPU": "1", "MIRAS_EXPECT_WORLD_SIZE": str(procs)} if procs > 1 else {}
+    full_env = {**os.environ, **BASE_ENV, **extra, **(env or {})}
+    return subprocess.run(command(args, procs), capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["loss"]) for row in rows]
+
+
+def weights(record_dir):
+    return torch.load(Path(record_dir) / "weights_rank0.pt")
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def straight_and_resumed(tmp_path, procs, steps=6, kill_after_commit=2, extra=(), env=None):
+    """N steps straight vs killed after the k-th commit then `--resume auto` to N."""
+    common = [*TINY, *extra, "--max-steps", str(steps), "--ckpt-every-steps", "2", "--output-dir", str(tmp_path)]
+    straight = run(
+        [*common, "--run-name", "straight"], procs, {**(env or {}), "MIRAS_TEST_RECORD": str(tmp_path / "a")}
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = run(
+        [*common, "--run-name", "resumed", "--resume", "auto"],
+        procs,
+        {**(env or {}), "MIRAS_TEST_FAULT": f"after_commit:kill@{kill_after_commit}"},
+    )
+    assert killed.returncode != 0
+    assert not (tmp_path / "resumed" / "finished").exists()
+    resumed = run(
+        [*common, "--run-name", "resumed", "--resume", "auto"],
+        procs,
+        {**(env or {}), "MIRAS_TEST_RECORD": str(tmp_path / "b")},
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step_{2 * kill_after_commit:08d}" in resumed.stdout
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # every per-step loss, with ==
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert (tmp_path / "resumed" / "finished").exists()
+    return straight, resumed
+
+
+def test_resume_after_sigkill_is_bit_identical_and_checkpoints_load_with_from_pretrained(tmp_path):
+    straight_and_resumed(tmp_path, procs=1)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import miras  # noqa: F401  (registers the Auto classes)
+
+    folders = committed(tmp_path / "straight" / "checkpoints")
+    assert [f.name for f in folders] == ["step_00000002", "step_00000004", "step_00000006"]
+    for folder in folders:
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        assert tokenizer("abc")["input_ids"]
+        probe = torch.arange(96).remainder(model.config.vocab_size).unsqueeze(0)
+        with torch.no_grad():
+            logits = model(probe).logits
+        live = torch.load(tmp_path / "a" / f"logits_step{int(folder.name[5:])}.pt")
+        torch.testing.assert_close(logits, live, rtol=0, atol=1e-6)
+    state = json.loads((folders[-1] / "trainer" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["world_size"] == 1 and state["tokens_seen"] == 6 * 64
+    manifest = json.loads((folders[-1] / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] == torch.__version__ and "model.safetensors" in manifest["files"]
+
+
+def test_two_process_ddp_resume_is_bit_identical_and_another_world_size_is_refused(tmp_path):
+    straight_and_resumed(tmp_path, procs=2)
+    result = run([*TINY, "--max-steps", "8", "--output-dir", str(tmp_path), "--run-name", "resumed", "--resume",
+                  str(tmp_path / "resumed" / "checkpoints" / "step_00000004")])  # fmt: skip
+    assert result.returncode == 2 and "written by 2 processes" in result.stderr.strip().splitlines()[-1]
+
+
+def test_fsdp2_shards_parameters_matches_ddp_and_resumes_bit_identically(tmp_path):
+    args = [*TINY, "--max-steps", "3", "--output-dir", str(tmp_path)]
+    ddp = run([*args, "--run-name", "ddp"], 2, {"MIRAS_TEST_RECORD": str(tmp_path / "ddp_rec")})
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    fsdp = run([*args, "--run-name", "fsdp", "--fsdp"], 2, {"MIRAS_TEST_RECORD": str(tmp_path / "fsdp_rec")})
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    for rank in (0, 1):
+        record = json.loads((tmp_path / "fsdp_rec" / f"rank{rank}.json").read_text())
+        assert record["world_size"] == 2 and record["sharded"] is True  # DTensor shards on each rank
+    ddp_losses, fsdp_losses = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
+    assert [s for s, _ in fsdp_losses] == [s for s, _ in ddp_losses]
+    for (_, a), (_, b) in zip(ddp_losses, fsdp_losses):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(a))
+    # The FSDP2 checkpoint is an ordinary from_pretrained folder with the sharded optimizer beside it.
+    folder = committed(tmp_path / "fsdp" / "checkpoints")[-1]
+    assert verify_folder(folder) == []
+    assert sorted(p.name for p in (folder / "trainer" / "optimizer").glob("*.distcp")) == [
+        "__0_0.distcp",
+        "__1_0.distcp",
+    ]
+    straight_and_resumed(tmp_path / "resume", procs=2, extra=["--fsdp"])
+
+
+def newest_valid(run_dir):
+    for folder in reversed(committed(run_dir / "checkpoints")):
+        if not verify_folder(folder):
+            return folder.name
+    return None
+
+
+def test_killed_at_random_moments_and_inside_commits_it_always_resumes_from_the_newest_complete_checkpoint(tmp_path):
+    rng = random.Random(7)
+    steps = 14
+    args = [*TINY, "--max-steps", str(steps), "--ckpt-every-steps", "1", "--output-dir", str(tmp_path),
+            "--run-name", "chaos", "--resume", "auto"]  # fmt: skip
+    run_dir = tmp_path / "chaos"
+    points = ["files_written", "before_manifest", "before_rename", "before_latest", "after_commit"]
+    faults = [f"{points[i % len(points)]}:kill@{rng.randint(1, 2)}" for i in range(6)] + [None] * 5
+    rng.shuffle(faults)
+    kills = 0
+    for fault in faults:
+        expected = newest_valid(run_dir)
+        env = {**os.environ, **BASE_ENV, "ACCELERATE_USE_CPU": "1", "MIRAS_EXPECT_WORLD_SIZE": "2"}
+        if fault:
+            env["MIRAS_TEST_FAULT"] = fault
+        process = subprocess.Popen(command(args, 2), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, start_new_session=True)  # fmt: skip
+        if fault is None:  # a kill of the whole process group at a random moment (maybe mid-write)
+            time.sleep(rng.uniform(3.0, 9.0))
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate(timeout=300)[0]
+        if process.returncode != 0:
+            kills += 1
+        if expected and "resuming from" in output:
+            assert f"resuming from {expected}" in output, output[-2000:]
+        if (run_dir / "finished").exists():
+            break
+        for tmp in (run_dir / "checkpoints").glob("*.tmp"):
+            assert not (tmp / "manifest.json").exists() or True  # leftovers never count: checked above
+    assert kills >= 10 or (run_dir / "finished").exists()
+    if not (run_dir / "finished").exists():
+        final = run(args, 2)
+        assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    assert (run_dir / "finished").exists() and losses(run_dir)[-1][0] == steps
+    assert [s for s, _ in losses(run_dir)] == list(range(1, steps + 1))  # one row per step: reads as one run
+
+
+def test_corrupt_checkpoints_are_caught_by_verify_and_skipped_by_resume_auto(tmp_path):
+    common = [*TINY, "--max-steps", "4", "--ckpt-every-steps", "1", "--output-dir", str(tmp_path), "--run-name", "c"]
+    first = run([*common, "--resume", "auto"], env={"MIRAS_TEST_FAULT": "after_commit:kill@3"})
+    assert first.returncode != 0
+    folders = committed(tmp_path / "c" / "checkpoints")
+    assert [f.name for f in folders] == ["step_00000001", "step_00000002", "step_00000003"]
+    shard = folders[2] / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-1000])  # truncated
+    data = bytearray((folders[1] / "trainer" / "rank_00000.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte
+    (folders[1] / "trainer" / "rank_00000.pt").write_bytes(bytes(data))
+    for folder in folders[1:]:
+        check = subprocess.run([sys.executable, "-m", "miras.cli", "ckpt", "verify", str(folder)],
+                               capture_output=True, text=True)  # fmt: skip
+        assert check.returncode == 1 and "INVALID" in check.stderr
+    resumed = run([*common, "--resume", "auto"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "skipping checkpoint" in resumed.stdout and "step_00000003" in resumed.stdout
+    assert "resuming from step_00000001" in resumed.stdout
+    explicit = run([*common, "--resume", str(folders[2])])
+    assert explicit.returncode == 2 and "is not a valid checkpoint" in explicit.stderr
+
+
+def test_sigterm_checkpoints_exits_0_and_the_next_start_continues(tmp_path):
+    args = [*TINY, "--max-steps", "400", "--output-dir", str(tmp_path), "--run-name", "t", "--resume", "auto"]
+    env = {**os.environ, **BASE_ENV}
+    process = subprocess.Popen(command(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output[-2000:]
+    assert "stopped by SIGTERM" in output
+    last = committed(tmp_path / "t" / "checkpoints")[-1]
+    step = int(last.name[5:])
+    assert verify_folder(last) == [] and losses(tmp_path / "t")[-1][0] == step
+    assert not (tmp_path / "t" / "finished").exists()
+    again = run([*args[:-4], "--max-steps", str(step + 2), "--run-name", "t", "--resume", "auto"])
+    assert again.returncode == 0 and f"resuming from {last.name}" in again.stdout
+
+
+def test_a_nan_stops_without_a_checkpoint_a_second_writer_is_refused_and_finished_is_written(tmp_path):
+    common = [*TINY, "--ckpt-every-steps", "2", "--output-dir", str(tmp_path), "--run-name", "n"]
+    nan = run([*common, "--max-steps", "6"], env={"MIRAS_TEST_NAN_AT_STEP": "3"})
+    assert nan.returncode == 3 and "not finite at step 3" in nan.stderr and "step_00000002" in nan.stderr
+    assert [f.name for f in committed(tmp_path / "n" / "checkpoints")] == ["step_00000002"]
+    assert (tmp_path / "n" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+    fresh = run([*common, "--max-steps", "6"])  # same run name without --resume: refused, nothing touched
+    assert fresh.returncode == 2 and "--resume auto" in fresh.stderr
+
+    env = {**os.environ, **BASE_ENV}
+    first = subprocess.Popen(command([*common, "--max-steps", "400", "--resume", "auto"]), env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "resuming" not in (tmp_path / "n" / "config.json").read_text():
+            time.sleep(0.2)
+        second = run([*common, "--max-steps", "400", "--resume", "auto"])
+        assert second.returncode == 2 and "in use by pid" in second.stderr
+    finally:
+        first.kill()
+        first.wait()
+    done = run([*common, "--max-steps", "4", "--resume", "auto"])
+    assert done.returncode == 0 and (tmp_path / "n" / "finished").exists()
+    again = run([*common, "--max-steps", "4", "--resume", "auto"])
+    assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_resume_refuses_a_changed_model_shape_or_seq_len(tmp_path):
+    common = ["--dataset", "builtin", "--device", "cpu", "--batch-size", "1", "--output-dir", str(tmp_path)]
+    first = run([*common, "--seq-len", "32", "--max-steps", "1", "--run-name", "s", "--no-grad-checkpoint"])
+    assert first.returncode == 0
+    folder = str(committed(tmp_path / "s" / "checkpoints")[-1])
+    seq = run([*common, "--seq-len", "64", "--max-steps", "2", "--run-name", "s2", "--resume", folder])
+    assert seq.returncode == 2 and "--seq-len 64" in seq.stderr
+    size = run(
+        [*common, "--seq-len", "32", "--model-size", "s", "--max-steps", "2", "--run-name", "s3", "--resume", folder]
+    )
+    assert size.returncode == 2 and "hidden_size" in size.stderr
+    init = run([*common, "--seq-len", "64", "--max-steps", "1", "--run-name", "s4", "--init-from", folder])
+    assert init.returncode == 0 and "starting" in init.stdout  # a new run from the weights: any seq-len
