@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..checkpoint.layout import CHECKPOINTS_DIR, LATEST_NAME, MANIFEST_NAME, parse_step
 from ..checkpoint.manifest import ManifestError, read_manifest, verify_folder
-from .base import MissingKeyError, StorageBackend, StorageError, clean_key, join_key, one_line
+from .base import StorageBackend, StorageError, clean_key, join_key, one_line
 from .registry import open_backend
 
 log = logging.getLogger(__name__)

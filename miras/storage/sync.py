@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..checkpoint.layout import CHECKPOINTS_DIR, LATEST_NAME, MANIFEST_NAME, checkpoint_name, parse_step
 from ..checkpoint.manifest import ManifestError, read_manifest
-from .base import MissingKeyError, StorageBackend, StorageError, clean_key, join_key, one_line, redact
+from .base import StorageBackend, StorageError, clean_key, join_key, one_line, redact
 from .registry import open_backend
 from .remote import run_url
 

@@ -1,0 +1,269 @@
+"""The Syncer (background uploads, retries, supersession, retention) and remote resume helpers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from miras.checkpoint.layout import checkpoint_name
+from miras.checkpoint.manifest import build_manifest, verify_folder, write_manifest
+from miras.storage import (
+    StorageError,
+    Syncer,
+    download_checkpoint,
+    drive_cap_warning,
+    find_remote_checkpoints,
+    open_backend,
+    pull_latest,
+    read_remote_latest,
+)
+from miras.storage.base import redact
+
+FAST = {"max_retries": 3, "backoff": 0.01}
+
+
+def make_checkpoint(run_dir: Path, step: int, milestone: bool = False, size: int = 3000) -> Path:
+    """A committed checkpoint folder as the checkpoint code writes it: files, nested trainer/, manifest last."""
+    folder = run_dir / "checkpoints" / checkpoint_name(step)
+    (folder / "trainer").mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(os.urandom(size))
+    (folder / "config.json").write_text(json.dumps({"step": step}))
+    (folder / "trainer" / "trainer_state.json").write_text(json.dumps({"step": step, "milestone": milestone}))
+    write_manifest(folder, build_manifest(folder, step, milestone))
+    (run_dir / "checkpoints" / "latest").write_text(folder.name)
+    return folder
+
+
+def remote_steps(url_run: str, options=None) -> list[int]:
+    return [step for step, _ in find_remote_checkpoints(url_run, options)]
+
+
+def wait_idle(syncer: Syncer, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while syncer.status()["sync_queued"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert syncer.status()["sync_queued"] == 0, syncer.status()
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    path = tmp_path / "runs" / "r1"
+    path.mkdir(parents=True)
+    (path / "config.json").write_text('{"lr": 0.001}')
+    (path / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    return path
+
+
+def test_two_destinations_receive_everything_and_resume_from_either(run_dir, tmp_path):
+    dests = [str(tmp_path / "remote-a"), "memory://miras-sync/" + tmp_path.name]
+    syncer = Syncer(dests, "r1", run_dir, keep_last=None, keep_milestones=None, **FAST)
+    syncer.probe()
+    syncer.submit_file(run_dir / "config.json")
+    for step in (10, 20):
+        syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=step == 10), step, step == 10)
+        wait_idle(syncer)
+    syncer.submit_file(run_dir / "metrics.jsonl")
+    assert syncer.close(timeout=30)
+    status = syncer.status()
+    assert status["sync_uploaded"] == 2 * 4 and status["sync_failed"] == 0 and status["sync_last_error"] is None
+    assert status["sync_bytes_per_second"] > 0
+    for url in dests:
+        run_url = f"{url}/r1"
+        assert remote_steps(run_url) == [10, 20]
+        assert read_remote_latest(open_backend(run_url)) == "step_00000020"
+        assert sorted(open_backend(run_url).list("")) == sorted(
+            ["config.json", "metrics.jsonl", "checkpoints/latest"]
+            + [f"checkpoints/step_000000{s}/{f}" for s in (10, 20)
+               for f in ("config.json", "manifest.json", "model.safetensors", "trainer/trainer_state.json")]
+        )  # fmt: skip
+        fresh = tmp_path / "fresh" / url.replace("/", "_").replace(":", "")
+        pulled = pull_latest(run_url, fresh)
+        assert pulled == fresh / "checkpoints" / "step_00000020" and verify_folder(pulled) == []
+        assert (pulled / "model.safetensors").read_bytes() == (
+            run_dir / "checkpoints/step_00000020/model.safetensors"
+        ).read_bytes()
+        assert (fresh / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+        assert (fresh / "metrics.jsonl").read_text() == (run_dir / "metrics.jsonl").read_text()
+
+
+def test_upload_order_is_files_then_manifest_then_latest(run_dir, tmp_path):
+    journal = tmp_path / "journal"
+    syncer = Syncer([f"testfs://{tmp_path}/remote"], "r1", run_dir, options={"journal": str(journal)}, **FAST)
+    syncer.submit_checkpoint(make_checkpoint(run_dir, 5), 5, False)
+    assert syncer.close(30)
+    puts = [line.split(" ", 1)[1] for line in journal.read_text().splitlines() if line.startswith("put ")]
+    assert puts[-2:] == ["checkpoints/step_00000005/manifest.json", "checkpoints/latest"]  # under URL/r1
+    assert len(puts) == 5  # 3 files + manifest + latest
+
+
+def test_destination_failing_the_first_puts_ends_up_with_every_checkpoint(run_dir, tmp_path):
+    url = f"testfs://{tmp_path}/remote"
+    syncer = Syncer([url], "r1", run_dir, options={"fail_puts": "5"}, keep_last=None, max_retries=5, backoff=0.01)
+    for step in (1, 2, 3):
+        syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=True), step, True)  # never superseded
+    syncer.submit_file(run_dir / "metrics.jsonl")
+    assert syncer.close(timeout=30)
+    status = syncer.status()
+    assert status["sync_failed"] == 5 and status["sync_uploaded"] == 4 and status["sync_gave_up"] == 0
+    assert "injected failure" in status["sync_last_error"]
+    assert remote_steps(f"{url}/r1") == [1, 2, 3]
+    for step in (1, 2, 3):
+        got = download_checkpoint(f"{url}/r1", f"checkpoints/{checkpoint_name(step)}", tmp_path / "dl" / str(step))
+        assert verify_folder(got) == []
+
+
+def test_destination_down_for_the_whole_run(run_dir, tmp_path, caplog):
+    url = f"testfs://{tmp_path}/remote"
+    syncer = Syncer([url], "r1", run_dir, options={"down": "true"}, max_retries=2, backoff=0.01)
+    with pytest.raises(StorageError) as caught:
+        syncer.probe()
+    assert "\n" not in str(caught.value) and "is down" in str(caught.value)
+    folders = [make_checkpoint(run_dir, step, milestone=True) for step in (1, 2)]
+    started = time.monotonic()
+    for step, folder in zip((1, 2), folders):
+        syncer.submit_checkpoint(folder, step, True)  # returns at once: training never waits
+    assert time.monotonic() - started < 0.5
+    with caplog.at_level(logging.ERROR, logger="miras.storage.sync"):
+        assert syncer.close(timeout=10) is False
+    status = syncer.status()
+    assert status["sync_uploaded"] == 0 and status["sync_failed"] == 6 and status["sync_gave_up"] == 2
+    assert "is down" in status["sync_last_error"]
+    assert all(verify_folder(f) == [] for f in folders)  # local checkpoints intact
+    assert "gave up" in caplog.text
+
+
+def test_close_is_bounded_when_uploads_take_longer(run_dir, tmp_path):
+    syncer = Syncer([f"testfs://{tmp_path}/remote"], "r1", run_dir, options={"delay": "0.5"}, **FAST)
+    syncer.submit_checkpoint(make_checkpoint(run_dir, 1, milestone=True), 1, True)
+    started = time.monotonic()
+    assert syncer.close(timeout=0.3) is False
+    assert time.monotonic() - started < 1.0
+
+
+def test_newer_checkpoint_supersedes_queued_non_milestones_but_never_milestones(run_dir, tmp_path):
+    url = f"testfs://{tmp_path}/remote"
+    journal = tmp_path / "journal"
+    syncer = Syncer([url], "r1", run_dir, options={"delay": "0.05", "journal": str(journal)}, keep_last=None, **FAST)
+    syncer.submit_checkpoint(make_checkpoint(run_dir, 1), 1, False)
+    deadline = time.monotonic() + 10
+    while not (journal.exists() and journal.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.005)  # step 1 is now uploading: it can't be superseded any more
+    for step in (2, 3, 4, 5):
+        syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=step == 3), step, step == 3)
+    assert syncer.close(timeout=30)
+    assert remote_steps(f"{url}/r1") == [1, 3, 5]
+    assert read_remote_latest(open_backend(f"{url}/r1")) == "step_00000005"
+
+
+def test_milestones_only_uploads_milestones_and_the_final_checkpoint(run_dir, tmp_path):
+    url = f"testfs://{tmp_path}/remote"
+    syncer = Syncer([url], "r1", run_dir, milestones_only=True, keep_last=None, **FAST)
+    for step in (1, 2, 3):
+        syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=step == 2), step, step == 2)
+        wait_idle(syncer)
+    syncer.submit_checkpoint(make_checkpoint(run_dir, 4), 4, False, final=True)
+    assert syncer.close(timeout=30)
+    assert remote_steps(f"{url}/r1") == [2, 4]
+
+
+def test_remote_retention_keeps_last_n_and_last_m_milestones(run_dir, tmp_path):
+    url = f"testfs://{tmp_path}/remote"
+    syncer = Syncer([url], "r1", run_dir, keep_last=2, keep_milestones=1, **FAST)
+    for step in range(1, 7):
+        syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=step in (2, 4)), step, step in (2, 4))
+        wait_idle(syncer)
+    assert syncer.close(timeout=30)
+    assert remote_steps(f"{url}/r1") == [4, 5, 6]
+    leftover = {k.split("/")[1] for k in open_backend(f"{url}/r1").list("checkpoints") if "/" in k[12:]}
+    assert leftover == {"step_00000004", "step_00000005", "step_00000006"}  # deleted folders left no files
+
+
+def test_retention_reads_milestone_flags_from_remote_manifests_and_never_removes_latest(run_dir, tmp_path):
+    url = f"testfs://{tmp_path}/remote"
+    first = Syncer([url], "r1", run_dir, keep_last=None, keep_milestones=None, **FAST)
+    for step in (1, 2, 3):
+        first.submit_checkpoint(make_checkpoint(run_dir, step, milestone=step == 2), step, step == 2)
+        wait_idle(first)
+    assert first.close(10)
+    # A new instance (say, after a preemption) knows nothing of steps 1-3 but the remote manifests.
+    second = Syncer([url], "r1", run_dir, keep_last=1, keep_milestones=1, **FAST)
+    second.submit_checkpoint(make_checkpoint(run_dir, 4), 4, False)
+    assert second.close(10)
+    assert remote_steps(f"{url}/r1") == [2, 4]
+    # keep nothing: the checkpoint `latest` names still stays.
+    third = Syncer([url], "r1", run_dir, keep_last=0, keep_milestones=0, **FAST)
+    third.submit_checkpoint(make_checkpoint(run_dir, 5), 5, False)
+    assert third.close(10)
+    assert remote_steps(f"{url}/r1") == [5]
+    assert read_remote_latest(open_backend(f"{url}/r1")) == "step_00000005"
+
+
+def test_run_file_snapshot_keeps_whole_jsonl_lines_and_latest_content(run_dir, tmp_path):
+    url = str(tmp_path / "remote")
+    syncer = Syncer([url], "r1", run_dir, **FAST)
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "lo')  # a writer mid-line
+    syncer.submit_file(metrics)
+    assert syncer.close(10)
+    assert (tmp_path / "remote" / "r1" / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_pull_latest_skips_a_corrupt_remote_checkpoint(run_dir, tmp_path, caplog):
+    remote = tmp_path / "remote"
+    syncer = Syncer([str(remote)], "r1", run_dir, keep_last=None, **FAST)
+    for step in (1, 2):
+        syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=True), step, True)
+    syncer.submit_file(run_dir / "metrics.jsonl")
+    assert syncer.close(10)
+    shard = remote / "r1" / "checkpoints" / "step_00000002" / "model.safetensors"
+    shard.write_bytes(b"flipped" + shard.read_bytes()[7:])  # same size, different bytes
+    fresh = tmp_path / "fresh"
+    with caplog.at_level(logging.WARNING, logger="miras.storage.remote"):
+        pulled = pull_latest(str(remote / "r1"), fresh)
+    assert pulled == fresh / "checkpoints" / "step_00000001" and verify_folder(pulled) == []
+    assert "step_00000002" in caplog.text and "sha256" in caplog.text
+    assert sorted(p.name for p in (fresh / "checkpoints").iterdir()) == ["latest", "step_00000001"]  # no .tmp
+    assert (fresh / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+
+
+def test_unfinished_remote_upload_is_not_a_checkpoint(run_dir, tmp_path):
+    remote = tmp_path / "remote"
+    folder = make_checkpoint(run_dir, 7)
+    backend = open_backend(str(remote / "r1"))
+    backend.put(folder / "model.safetensors", "checkpoints/step_00000007/model.safetensors")  # no manifest
+    assert find_remote_checkpoints(str(remote / "r1")) == []
+    assert pull_latest(str(remote / "r1"), tmp_path / "fresh") is None
+    with pytest.raises(StorageError, match="no manifest.json"):
+        download_checkpoint(backend, "checkpoints/step_00000007", tmp_path / "dl")
+    assert not (tmp_path / "dl").exists() and not (tmp_path / "dl.tmp").exists()
+
+
+def test_bad_destination_fails_at_construction_with_installed_schemes(run_dir):
+    with pytest.raises(StorageError) as caught:
+        Syncer(["ftp://host/x"], "r1", run_dir)
+    assert "'ftp'" in str(caught.value) and "gdrive" in str(caught.value) and "rclone" in str(caught.value)
+
+
+def test_probe_failure_is_one_line_and_secret_options_are_redacted(run_dir, s3_endpoint):
+    secret = "super-secret-value-123"
+    options = {"endpoint_url": s3_endpoint, "key": "testing", "secret": secret}
+    syncer = Syncer(["s3://no-such-bucket-x/runs"], "r1", run_dir, options=options, max_retries=0)
+    with pytest.raises(StorageError) as caught:
+        syncer.probe()
+    message = str(caught.value)
+    assert "s3://no-such-bucket-x/runs/r1" in message and "\n" not in message and secret not in message
+    syncer.close(1)
+    assert redact(f"failed with secret={secret} and key=testing", options) == "failed with secret=*** and key=***"
+
+
+def test_drive_cap_warning(monkeypatch):
+    monkeypatch.setenv("RCLONE_CONFIG_MYDRIVE_TYPE", "drive")
+    assert drive_cap_warning(["gs://b/x"], 5e12) is None
+    assert drive_cap_warning(["gdrive://abc/runs"], 1e11) is None
+    assert "750 GB/day" in drive_cap_warning(["gdrive://abc/runs"], 1e12)
+    assert "rclone://mydrive/x" in drive_cap_warning(["rclone://mydrive/x", "gs://b"], 1e12)
