@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ INSTALL_HINT = "install it with `apt-get install rclone` or `pip install rclone-
 _SECRET_ENV = ("TOKEN", "SECRET", "PASS", "KEY", "CREDENTIALS", "CLIENT_ID")
 # rclone exit codes: 3 directory not found, 4 file not found.
 _NOT_FOUND = (3, 4)
+_LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:[A-Z]+\s*:\s*)?")
 
 
 def rclone_target(url: str) -> tuple[str, str]:
@@ -105,7 +107,11 @@ class RcloneBackend:
         if done.returncode and done.returncode not in ok:
             lines = [line for line in done.stderr.splitlines() if line.strip()]
             reason = lines[-1] if lines else f"exit status {done.returncode}"
-            reason = redact(reason.split(" : ", 1)[-1], self.options, _env_secrets())
+            reason = _LOG_PREFIX.sub("", reason).split(" : ", 1)[-1]
+            if "didn't find section in config file" in reason:
+                env = f"RCLONE_CONFIG_{self.remote.upper()}_TYPE"
+                reason += f"; define remote {self.remote!r} with `rclone config` or {env}=..."
+            reason = redact(reason, self.options, _env_secrets())
             raise StorageError(f"rclone {args[0]} failed for {self.url} (exit {done.returncode}): {reason.strip()}")
         return done
 
