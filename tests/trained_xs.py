@@ -11,18 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-XS_TRAIN_ARGS = [
-    "--model-size",
-    "xs",
-    "--dataset",
-    "builtin",
-    "--seq-len",
-    "64",
-    "--batch-size",
-    "1",
-    "--max-steps",
-    "2",
-]
+XS_TRAIN_ARGS = "--model-size xs --dataset builtin --seq-len 64 --batch-size 1 --max-steps 2 --eval-batches 1".split()
 
 
 @functools.cache

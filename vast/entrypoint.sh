@@ -44,16 +44,22 @@ die() {
     exit 2
 }
 
-# Move $1 over $2 only when the contents differ (keeps mtimes stable across runs); mode 0600.
-replace_if_changed() {
-    local new=$1 target=$2
-    if [ -f "$target" ] && cmp -s "$new" "$target"; then
-        rm -f "$new"
-        chmod 600 "$target"
+# Writes the output of COMMAND... to TARGET (mode 0600) only when it differs from TARGET's contents, so a
+# second run changes no file, mtime or folder. Returns 1 when TARGET was already up to date.
+write_if_changed() {
+    local target=$1 tmp
+    shift
+    if [ -f "$target" ] && cmp -s <("$@") "$target"; then
+        [ "$(stat -c %a "$target")" = 600 ] || chmod 600 "$target"
         return 1
     fi
-    chmod 600 "$new"
-    mv -f "$new" "$target"
+    tmp=$(mktemp "$(dirname "$target")/.$(basename "$target").XXXXXX")
+    if ! "$@" >"$tmp"; then
+        rm -f "$tmp"
+        die "could not write $target"
+    fi
+    chmod 600 "$tmp"
+    mv -f "$tmp" "$target"
 }
 
 install_rclone() {
@@ -73,23 +79,25 @@ install_rclone() {
     log "warning: could not install rclone (see $LOG_DIR/install.log); rclone:// sync will not work"
 }
 
-write_service_account_key() {
-    mkdir -p "$SECRETS_DIR"
-    chmod 700 "$SECRETS_DIR"
-    local tmp encoded
-    # Whitespace dropped and lost '=' padding restored (some env parsers cut values at '=').
+# The service account key, decoded; whitespace dropped and lost '=' padding restored (some env parsers
+# cut values at '=').
+decode_key() {
+    local encoded
     encoded=$(printf '%s' "$GDRIVE_SERVICE_ACCOUNT_JSON_B64" | tr -d ' \t\r\n')
     while [ $((${#encoded} % 4)) -ne 0 ]; do encoded="$encoded="; done
-    tmp=$(mktemp "$SECRETS_DIR/.gdrive-sa.XXXXXX")
-    if ! printf '%s' "$encoded" | base64 -d >"$tmp" 2>/dev/null; then
-        rm -f "$tmp"
+    printf '%s' "$encoded" | base64 -d 2>/dev/null
+}
+
+write_service_account_key() {
+    if ! decode_key >/dev/null; then
         die "GDRIVE_SERVICE_ACCOUNT_JSON_B64 is not valid base64 (expected: base64 of the service account's JSON key)"
     fi
-    if ! grep -q '"type"' "$tmp" || ! grep -q 'service_account' "$tmp"; then
-        rm -f "$tmp"
+    if ! decode_key | grep -q '"type"' || ! decode_key | grep -q 'service_account'; then
         die "GDRIVE_SERVICE_ACCOUNT_JSON_B64 does not decode to a service account JSON key (expected \"type\": \"service_account\")"
     fi
-    if replace_if_changed "$tmp" "$KEY_FILE"; then
+    mkdir -p "$SECRETS_DIR"
+    [ "$(stat -c %a "$SECRETS_DIR")" = 700 ] || chmod 700 "$SECRETS_DIR"
+    if write_if_changed "$KEY_FILE" decode_key; then
         log "wrote the service account key to $KEY_FILE (mode 0600)"
     else
         log "service account key unchanged at $KEY_FILE"
@@ -104,29 +112,28 @@ remote_configured() {
     command -v rclone >/dev/null 2>&1 && rclone listremotes 2>/dev/null | grep -qx "${REMOTE}:"
 }
 
-write_env_file() {
-    local tmp
-    tmp=$(mktemp "$WORKSPACE/.miras.env.XXXXXX")
-    {
-        echo "# Written by vast/entrypoint.sh; sourced by vast/run_loop.sh before each training attempt."
-        if [ -n "${GDRIVE_SERVICE_ACCOUNT_JSON_B64:-}" ]; then
-            if remote_configured; then
-                echo "# rclone remote '$REMOTE' was already configured: its variables are not written here."
-            else
-                local prefix="RCLONE_CONFIG_${REMOTE_VAR}"
-                printf 'export %s_TYPE=drive\n' "$prefix"
-                printf 'export %s_SCOPE=drive\n' "$prefix"
-                printf 'export %s_SERVICE_ACCOUNT_FILE=%q\n' "$prefix" "$KEY_FILE"
-                if [ -n "${MIRAS_GDRIVE_FOLDER_ID:-}" ]; then
-                    printf 'export %s_ROOT_FOLDER_ID=%q\n' "$prefix" "$MIRAS_GDRIVE_FOLDER_ID"
-                fi
-                if [ -n "${MIRAS_GDRIVE_SHARED_DRIVE_ID:-}" ]; then
-                    printf 'export %s_TEAM_DRIVE=%q\n' "$prefix" "$MIRAS_GDRIVE_SHARED_DRIVE_ID"
-                fi
+env_file_content() {
+    echo "# Written by vast/entrypoint.sh; sourced by vast/run_loop.sh before each training attempt."
+    if [ -n "${GDRIVE_SERVICE_ACCOUNT_JSON_B64:-}" ]; then
+        if remote_configured; then
+            echo "# rclone remote '$REMOTE' was already configured: its variables are not written here."
+        else
+            local prefix="RCLONE_CONFIG_${REMOTE_VAR}"
+            printf 'export %s_TYPE=drive\n' "$prefix"
+            printf 'export %s_SCOPE=drive\n' "$prefix"
+            printf 'export %s_SERVICE_ACCOUNT_FILE=%q\n' "$prefix" "$KEY_FILE"
+            if [ -n "${MIRAS_GDRIVE_FOLDER_ID:-}" ]; then
+                printf 'export %s_ROOT_FOLDER_ID=%q\n' "$prefix" "$MIRAS_GDRIVE_FOLDER_ID"
+            fi
+            if [ -n "${MIRAS_GDRIVE_SHARED_DRIVE_ID:-}" ]; then
+                printf 'export %s_TEAM_DRIVE=%q\n' "$prefix" "$MIRAS_GDRIVE_SHARED_DRIVE_ID"
             fi
         fi
-    } >"$tmp"
-    if replace_if_changed "$tmp" "$ENV_FILE"; then
+    fi
+}
+
+write_env_file() {
+    if write_if_changed "$ENV_FILE" env_file_content; then
         log "wrote $ENV_FILE (mode 0600)"
     else
         log "$ENV_FILE unchanged"
