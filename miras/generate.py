@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -19,7 +20,11 @@ MANIFEST_NAME = "manifest.json"
 
 
 class GenerateError(ValueError):
-    """A bad argument or an unusable checkpoint: one line naming the value and what is accepted."""
+    """A bad argument or an unusable checkpoint: one line naming the value and what is accepted (exit 2)."""
+
+
+class RemoteError(RuntimeError):
+    """A storage failure while downloading (network, permissions): one line (exit 1)."""
 
 
 def is_url(text: str) -> bool:
@@ -66,32 +71,60 @@ def verify_weights(folder: Path) -> None:
         raise GenerateError(f"{str(folder)!r} is an incomplete checkpoint: {problems[0]} (expected a committed one)")
 
 
-def download(url: str, cache_dir: Path | None) -> Path:
-    """A storage URL -> a verified local checkpoint folder (through miras.storage)."""
+def cache_folder(url: str, cache_dir: Path | None) -> Path:
+    """Where a URL's checkpoint lands: CACHE/<url made into one folder name>."""
+    root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "miras" / "checkpoints"
+    return root / re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/")).strip("_")
+
+
+def download(url: str, cache_dir: Path | None, options: dict[str, str] | None = None) -> Path:
+    """A checkpoint or run folder URL -> a local checkpoint folder, downloaded through miras.storage and
+    verified against its manifest (sizes and sha256) before use. A folder already downloaded and intact is
+    reused (checkpoint folders never change under their name)."""
+    from .checkpoint import verify_folder
+    from .checkpoint.layout import CHECKPOINTS_DIR as CKPTS
+    from .storage import StorageError, open_backend
+    from .storage.base import one_line, redact
+    from .storage.remote import download_checkpoint, pull_latest, read_remote_latest
+
+    local = cache_folder(url, cache_dir)
     try:
-        from .storage import sync as storage_sync
-    except ImportError:
-        raise GenerateError(
-            f"{url!r}: this install has no checkpoint download (miras.storage.sync); copy the folder locally"
-        ) from None
-    from .storage import StorageError
+        backend = open_backend(url, options)
+        keys = backend.list("")
+        if MANIFEST_NAME in keys:  # one checkpoint folder
+            if local.is_dir() and not verify_folder(local, check_hashes=False):
+                return local
+            return download_checkpoint(backend, "", local)
+        latest = read_remote_latest(backend)
+        if latest and not verify_folder(local / CKPTS / latest, check_hashes=False):
+            return local / CKPTS / latest
+        path = pull_latest(backend, local)
+    except StorageError as error:
+        raise GenerateError(redact(one_line(error), options)) from None
+    except Exception as error:  # a backend's own (network, permissions, missing plugin): one line
+        raise RemoteError(f"{url}: {redact(one_line(error), options)}") from None
+    if path is None:
+        raise GenerateError(f"{url!r}: no valid checkpoint here (expected a checkpoint folder or a run folder URL)")
+    return path
 
-    target = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "miras" / "checkpoints"
-    try:
-        local = storage_sync.fetch_checkpoint(url, target)
-    except (StorageError, OSError, ValueError) as error:
-        raise GenerateError(f"{url!r}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
-    return Path(local)
 
-
-def load(path_or_url: str, device: str = "cpu", dtype: str = "auto", cache_dir: Path | None = None):
+def load(
+    path_or_url: str,
+    device: str = "cpu",
+    dtype: str = "auto",
+    cache_dir: Path | None = None,
+    storage_options: dict[str, str] | None = None,
+):
     """(model, tokenizer) from a checkpoint folder, run folder or URL; the model in eval mode on `device`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import MonetaConfig  # noqa: F401  (registers "moneta" with the Auto classes)
 
-    folder = download(path_or_url, cache_dir) if is_url(path_or_url) else Path(path_or_url.removeprefix("file://"))
+    if is_url(path_or_url):
+        folder = download(path_or_url, cache_dir, storage_options)
+    else:
+        folder = Path(path_or_url.removeprefix("file://"))
     folder = resolve_checkpoint(folder)
     verify_weights(folder)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
@@ -181,6 +214,16 @@ def _probability(text: str) -> float:
     return value
 
 
+def parse_storage_options(pairs: list[str]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            raise GenerateError(f"--storage-option {key!r}: expected KEY=VALUE")
+        options[key.strip()] = value
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="miras generate", description=__doc__.splitlines()[0].split(": ", 1)[1])
     add = parser.add_argument
@@ -194,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, else fp32")
     add("--cache-dir", default=None, help="where URL checkpoints are downloaded (default ~/.cache/miras/checkpoints)")
+    add("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="passed to the storage backend")
     return parser
 
 
@@ -202,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         device = pick_device(args.device)
-        model, tokenizer = load(args.checkpoint, device=device, dtype=args.dtype, cache_dir=args.cache_dir)
+        options = parse_storage_options(args.storage_option)
+        model, tokenizer = load(
+            args.checkpoint, device=device, dtype=args.dtype, cache_dir=args.cache_dir, storage_options=options
+        )
         if args.seed is not None:
             from transformers import set_seed
 
@@ -213,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     except GenerateError as error:
         print(f"miras generate: error: {error} (see --help)", file=sys.stderr)
         return 2
+    except RemoteError as error:
+        print(f"miras generate: error: {error}", file=sys.stderr)
+        return 1
     print(text)
     return 0
 

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
@@ -61,8 +63,6 @@ def test_a_real_training_run_folder_resolves_its_latest_checkpoint(capsys):
 
 
 def test_an_incomplete_checkpoint_is_refused(tmp_path, capsys):
-    import shutil
-
     copy = tmp_path / "step"
     shutil.copytree(latest_checkpoint(trained_xs_run()), copy)
     next(copy.glob("*.safetensors")).write_bytes(b"truncated")
@@ -98,3 +98,41 @@ def test_miras_generate_subcommand_is_wired(tmp_path, capsys):
         f"miras generate: error: '{tmp_path / 'missing'}' does not exist (expected a checkpoint folder, a run "
         "folder or a storage URL) (see --help)"
     ]
+
+
+def upload(folder, url):
+    from miras.storage import open_backend
+
+    backend = open_backend(url)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        backend.put(path, path.relative_to(folder).as_posix())
+
+
+def test_a_storage_url_is_downloaded_verified_and_sampled(tmp_path, capsys):
+    run = trained_xs_run()
+    local = [str(latest_checkpoint(run)), "--prompt", "def ", "--max-new-tokens", "5", "--greedy"]
+    assert main(local) == 0
+    expected = capsys.readouterr().out
+    upload(run, "memory://miras-test/runs/t")
+    cache = tmp_path / "cache"
+    for url in ("memory://miras-test/runs/t", f"memory://miras-test/runs/t/checkpoints/{latest_checkpoint(run).name}"):
+        assert main([url, *local[1:], "--cache-dir", str(cache)]) == 0
+        assert capsys.readouterr().out == expected
+    assert main(["memory://miras-test/nothing-here", "--prompt", "x", "--cache-dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert "no valid checkpoint here" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_corrupted_remote_checkpoint_is_refused(tmp_path, capsys):
+    folder = tmp_path / "step"
+    shutil.copytree(latest_checkpoint(trained_xs_run()), folder)
+    weights = next(folder.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes: only the sha256 can tell
+    weights.write_bytes(bytes(data))
+    upload(folder, "memory://miras-test/corrupt/step_00000002")
+    url = "memory://miras-test/corrupt/step_00000002"
+    assert main([url, "--prompt", "x", "--cache-dir", str(tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its manifest" in err and len(err.strip().splitlines()) == 1
+    assert not any((tmp_path / "cache").rglob("*.safetensors"))  # nothing left behind
