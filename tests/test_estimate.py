@@ -1,4 +1,5 @@
 import json
+import shlex
 
 import pytest
 import torch
@@ -131,3 +132,22 @@ def test_miras_estimate_subcommand_is_wired(capsys):
         int(capsys.readouterr().out)
         == miras.count_parameters(miras.MonetaConfig.from_size("s", vocab_size=50257))["total"]
     )
+
+
+def test_readme_estimate_commands_run_and_its_numbers_hold(capsys):
+    from tests.readme import bash_lines, section
+
+    lines = bash_lines("Estimates / disk")
+    assert len(lines) == 4
+    for line in lines:
+        words = shlex.split(line)
+        assert words[:2] == ["miras", "estimate"]
+        assert main([*words[2:], "--no-measure"]) == 0, line  # the memory measurement is tested above
+        assert capsys.readouterr().out.strip()
+    text = section("Estimates / disk")
+    default = estimate("l", measure=False)
+    lean = estimate("l", ckpt_keep_last=6, ckpt_keep_milestones=12, measure=False)
+    assert f"{default['parameters'] / 1e6:.1f}M parameters" in text
+    assert f"{default['checkpoint']['total'] / GB:.1f} GB per checkpoint" in text
+    assert f"**{default['disk_gb']} GB**" in text and f": {lean['disk_gb']} GB)" in text
+    assert f"{default['upload']['milestones_only']['bytes_per_day'] / GB:.0f} GB a day" in text

@@ -136,3 +136,24 @@ def test_a_corrupted_remote_checkpoint_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not match its manifest" in err and len(err.strip().splitlines()) == 1
     assert not any((tmp_path / "cache").rglob("*.safetensors"))  # nothing left behind
+
+
+def test_readme_generate_commands_run_on_a_real_run(capsys):
+    """The README's `miras generate` lines, with its run folder replaced by a real one; the lines that
+    need a cloud account (rclone://, s3://) are left to the storage tests."""
+    import shlex
+
+    from tests.readme import bash_lines
+
+    run = trained_xs_run()
+    ran = 0
+    for line in bash_lines("Loading and generating"):
+        words = shlex.split(line)
+        assert words[:2] == ["miras", "generate"]
+        if "://" in words[2]:
+            continue
+        words[2] = words[2].replace("runs/l-run1", str(run)).replace("step_00012000", latest_checkpoint(run).name)
+        assert main([*words[2:], "--max-new-tokens", "5"]) == 0, line
+        assert capsys.readouterr().out.strip()
+        ran += 1
+    assert ran == 2
