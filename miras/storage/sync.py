@@ -218,6 +218,10 @@ class Syncer:
             raise StorageError("Syncer is closed")
 
     def _worker(self, dest: _Destination) -> None:
+        try:  # Linux: a thread is a task with its own nice value; uploads yield the CPU to the training loop
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (AttributeError, OSError):
+            pass
         while True:
             with self._lock:
                 while not dest.queue and not self._closing and not self._abort.is_set():
