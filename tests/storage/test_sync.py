@@ -149,12 +149,13 @@ def test_newer_checkpoint_supersedes_queued_non_milestones_but_never_milestones(
     url = f"testfs://{tmp_path}/remote"
     journal = tmp_path / "journal"
     syncer = Syncer([url], "r1", run_dir, options={"delay": "0.05", "journal": str(journal)}, keep_last=None, **FAST)
-    syncer.submit_checkpoint(make_checkpoint(run_dir, 1), 1, False)
+    folders = {step: make_checkpoint(run_dir, step, milestone=step == 3) for step in (1, 2, 3, 4, 5)}
+    syncer.submit_checkpoint(folders[1], 1, False)
     deadline = time.monotonic() + 10
     while not (journal.exists() and journal.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.005)  # step 1 is now uploading: it can't be superseded any more
+        time.sleep(0.005)  # step 1 is now uploading (>= 5 puts of 0.05 s): it can't be superseded any more
     for step in (2, 3, 4, 5):
-        syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=step == 3), step, step == 3)
+        syncer.submit_checkpoint(folders[step], step, step == 3)
     assert syncer.close(timeout=30)
     assert remote_steps(f"{url}/r1") == [1, 3, 5]
     assert read_remote_latest(open_backend(f"{url}/r1")) == "step_00000005"
