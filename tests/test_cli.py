@@ -21,4 +21,6 @@ def test_train_help_groups_flags_and_marks_aliases():
 def test_unknown_command_is_one_line_exit_2():
     result = run("fly")
     assert result.returncode == 2
-    assert result.stderr.strip() == "miras: error: unknown command 'fly' (expected one of: train)"
+    assert result.stderr.strip() == (
+        "miras: error: unknown command 'fly' (expected one of: train, ckpt, estimate, generate, storage)"
+    )
