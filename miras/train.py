@@ -279,7 +279,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     except (DataError, TokenizerError, ValueError) as error:
         raise TrainingStopped(str(error)) from None
     source = args.resume if args.resume not in (None, "auto") else args.init_from
-    if source is not None:
+    if source is not None and not _is_url(source):
         _check_checkpoint_argument(source, "--resume" if args.resume else "--init-from")
 
     writes = not args.dry_run
@@ -289,16 +289,22 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     # One writer per run; then the checkpoint to continue from, decided on rank 0.
     lock = RunLock(run_dir)
     decision = {"error": None, "resume": None, "finished": False}
+    syncer = None
     if main_process and writes:
         if args.resume == "auto" and (run_dir / layout.FINISHED_NAME).exists():
             decision["finished"] = True
         else:
             try:
+                syncer = _start_syncer(args, run_dir)  # probes every destination before anything is written
                 lock.acquire()
                 remove_stale_tmp(ckpt_dir)
                 if args.resume == "auto":
                     found = find_resumable(ckpt_dir, warn=lambda m: print(f"miras train: warning: {m}", flush=True))
+                    if found is None and syncer is not None:
+                        found = _pull_remote(args, run_dir)  # a fresh instance: continue from the remote copy
                     decision["resume"] = str(found) if found else None
+                elif args.resume and _is_url(args.resume):
+                    decision["resume"] = str(_download_explicit(args.resume, ckpt_dir, args))
                 elif args.resume:
                     decision["resume"] = args.resume
                 elif committed(ckpt_dir):
@@ -306,11 +312,13 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
                         f"run folder {run_dir} already has checkpoints (newest {committed(ckpt_dir)[-1].name}): "
                         "pass --resume auto to continue it, or choose another --run-name"
                     )
-            except RunLockedError as error:
+            except (RunLockedError, TrainingStopped) as error:
                 decision["error"] = str(error)
     decision = broadcast(accelerator, decision)
     if decision["error"] and main_process:
         lock.release()
+        if syncer is not None:
+            syncer.close(0)
     if decision["finished"]:
         if main_process:
             print(f"miras train: {args.run_name}: already finished ({run_dir / layout.FINISHED_NAME}); nothing to do")
@@ -318,10 +326,17 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     if decision["error"]:
         raise TrainingStopped(decision["error"])
     resume_dir = Path(decision["resume"]) if decision["resume"] else None
+    if syncer is not None and resume_dir is not None:
+        from .checkpoint.catalog import describe
+
+        info = describe(resume_dir)  # the remote catches up if this one never made it there
+        syncer.submit_checkpoint(resume_dir, info.step, info.milestone)
     trainer_state = read_trainer_state(resume_dir) if resume_dir else None
     if trainer_state is not None:
         _check_resume_compatible(args, resume_dir, trainer_state, model_config, world_size)
 
+    if args.init_from and _is_url(args.init_from):
+        args.init_from = broadcast(accelerator, _fetch_init_from(args, run_dir) if main_process else None)
     weights_from = resume_dir or (Path(args.init_from) if args.init_from else None)
     if weights_from is not None:
         model = MonetaForCausalLM.from_pretrained(weights_from, dtype=torch.float32)
@@ -422,6 +437,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
         prune_enabled=not args.no_ckpt_prune,
         weights_only_milestones=args.milestone_weights_only,
         log=lambda m: print(f"miras train: {m}", flush=True),
+        on_commit=_sync_hook(syncer, run_dir) if syncer is not None else None,
     )
     pending_optimizer = []  # this rank's optimizer shard write in flight
 
@@ -521,6 +537,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
             if accelerator.mixed_precision != "fp16":
                 logger.close()
                 wait_for_checkpoint()
+                _close_syncer(syncer, args.sync_timeout, run_dir)
                 raise TrainingStopped(
                     f"the loss ({float(step_loss)}) or gradient norm ({grad_norm}) is not finite at step {step + 1}; "
                     f"stopping without a checkpoint (latest good one: {_latest_name(ckpt_dir)})",
@@ -563,6 +580,8 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
                 "elapsed": training_time,
                 "recall_accuracy": sum(window_accuracy) / len(window_accuracy) if window_accuracy else None,
             }
+            if syncer is not None:
+                row.update({k: v for k, v in syncer.status().items() if k != "sync_last_error" or v})
             if (args.eval_every and step % args.eval_every == 0) or finished:
                 if args.eval_batches and not args.dry_run:
                     row["eval_loss"] = evaluate(model, accelerator, eval_stream(), args.eval_batches)
@@ -579,6 +598,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
 
     wait_for_checkpoint()
     logger.close()
+    _close_syncer(syncer, args.sync_timeout, run_dir)
     accelerator.wait_for_everyone()
     if committer.last_error is not None and (finished or stopped_by):
         raise TrainingStopped(f"the final checkpoint failed: {committer.last_error}", EXIT_FAILED)
@@ -600,6 +620,141 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     lock.release()
     accelerator.end_training()
     return 0
+
+
+def _is_url(text: str) -> bool:
+    return "://" in str(text)
+
+
+def _storage_options(args) -> dict[str, str]:
+    from .storage import StorageError, parse_options
+
+    try:
+        return parse_options(args.storage_option)
+    except StorageError as error:
+        raise TrainingStopped(f"--storage-option: {error}") from None
+
+
+def _start_syncer(args, run_dir: Path):
+    """The background uploader for --sync-to, after a probe of every destination (fail fast, one line)."""
+    if not args.sync_to:
+        return None
+    from .storage import StorageError, Syncer, drive_cap_warning, estimated_daily_bytes
+
+    keep_last = args.remote_keep_last if args.remote_keep_last is not None else args.ckpt_keep_last
+    keep_milestones = args.remote_keep_milestones
+    if keep_milestones is None:
+        keep_milestones = args.ckpt_keep_milestones
+    try:
+        syncer = Syncer(
+            args.sync_to,
+            args.run_name,
+            run_dir,
+            _storage_options(args),
+            keep_last=None if args.no_ckpt_prune else keep_last,
+            keep_milestones=None if args.no_ckpt_prune else keep_milestones,
+            milestones_only=args.sync_milestones_only,
+        )
+    except StorageError as error:
+        raise TrainingStopped(f"--sync-to: {error}") from None
+    try:
+        syncer.probe()
+    except StorageError as error:
+        if not args.sync_optional:
+            syncer.close(0)
+            raise TrainingStopped(f"{error} (pass --sync-optional to train anyway)") from None
+        print(f"miras train: warning: {error}; training anyway (--sync-optional), uploads will be retried", flush=True)
+    interval = args.ckpt_milestone_every_seconds if args.sync_milestones_only else args.ckpt_every_seconds
+    one_checkpoint = _checkpoint_bytes_estimate(args)
+    if interval and one_checkpoint:
+        warning = drive_cap_warning(syncer.destinations, estimated_daily_bytes(one_checkpoint, interval))
+        if warning:
+            print(f"miras train: warning: {warning}", flush=True)
+    print(f"miras train: syncing to {', '.join(syncer.destinations)} (under <url>/{args.run_name}/)", flush=True)
+    return syncer
+
+
+def _checkpoint_bytes_estimate(args) -> int:
+    """fp32 weights + AdamW's two moments for the chosen size (the gpt2 vocabulary when it is unknown yet)."""
+    try:
+        from .parameters import count_parameters
+
+        config = MonetaConfig.from_size(args.model_size, vocab_size=50257)
+        return int(count_parameters(config)["total"]) * 12
+    except Exception:
+        return 0
+
+
+def _pull_remote(args, run_dir: Path) -> Path | None:
+    from .storage import StorageError, pull_latest, run_url
+
+    options = _storage_options(args)
+    for url in args.sync_to:
+        try:
+            found = pull_latest(run_url(url, args.run_name), run_dir, options)
+        except StorageError as error:
+            print(f"miras train: warning: could not read {run_url(url, args.run_name)}: {error}", flush=True)
+            continue
+        if found is not None:
+            print(f"miras train: pulled {found.name} from {run_url(url, args.run_name)} (verified)", flush=True)
+            return found
+    return None
+
+
+def _download_explicit(url: str, ckpt_dir: Path, args) -> Path:
+    """--resume URL: the named remote checkpoint folder, downloaded and verified against its manifest."""
+    from .checkpoint.layout import parse_step
+    from .storage import StorageError, download_checkpoint
+
+    parent, _, name = url.rstrip("/").rpartition("/")
+    if parse_step(name) is None:
+        raise TrainingStopped(f"--resume {url!r}: expected a URL ending in a step_XXXXXXXX checkpoint folder")
+    try:
+        path = download_checkpoint(parent, name, ckpt_dir / name, _storage_options(args))
+    except StorageError as error:
+        raise TrainingStopped(f"--resume {url!r}: {error}") from None
+    _check_checkpoint_argument(str(path), "--resume")
+    return path
+
+
+def _fetch_init_from(args, run_dir: Path) -> str:
+    from .storage import StorageError, download_checkpoint
+
+    parent, _, name = args.init_from.rstrip("/").rpartition("/")
+    try:
+        path = download_checkpoint(parent, name, run_dir / "init_from" / name, _storage_options(args))
+    except StorageError as error:
+        raise TrainingStopped(f"--init-from {args.init_from!r}: {error}") from None
+    return str(path)
+
+
+def _sync_hook(syncer, run_dir: Path):
+    def after_commit(folder: Path, step: int, milestone: bool, final: bool) -> None:
+        syncer.submit_checkpoint(folder, step, milestone, final=final)
+        for name in ("config.json", "metrics.jsonl"):
+            if (run_dir / name).exists():
+                syncer.submit_file(run_dir / name)
+
+    return after_commit
+
+
+def _close_syncer(syncer, timeout: float, run_dir: Path) -> None:
+    if syncer is None:
+        return
+    for name in ("config.json", "metrics.jsonl"):
+        if (run_dir / name).exists():
+            syncer.submit_file(run_dir / name)
+    done = syncer.close(timeout)
+    status = syncer.status()
+    if done:
+        print(f"miras train: sync: all uploads done ({status['sync_uploaded']} uploaded)", flush=True)
+    else:
+        print(
+            f"miras train: warning: sync: uploads not finished within --sync-timeout {timeout:g}s "
+            f"({status['sync_queued']} queued, last error: {status['sync_last_error']}); local checkpoints are "
+            "intact and the next start with --resume auto uploads again",
+            flush=True,
+        )
 
 
 def _check_checkpoint_argument(source: str, flag: str) -> None:

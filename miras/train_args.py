@@ -195,6 +195,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="resume with another number of processes (data positions restart; see README)",
     )
 
+    add = parser.add_argument_group("storage (checkpoints mirrored to Drive, GCS, S3, ...)").add_argument
+    add(
+        "--sync-to",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="upload the run to URL/<run-name>/ in the background (repeatable): a path, file://, gs://, s3://, "
+        "rclone://REMOTE/path, gdrive://FOLDER_ID/path, or any installed scheme",
+    )
+    add("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. endpoint_url=... (S3)")
+    add("--sync-milestones-only", action="store_true", help="upload only milestones and the final checkpoint")
+    add("--sync-timeout", type=_non_negative_float, default=600.0, help="seconds to finish uploads at exit")
+    add("--sync-optional", action="store_true", help="train even if a destination fails the startup probe")
+    add("--remote-keep-last", type=_non_negative_int, default=None, help="default: --ckpt-keep-last")
+    add("--remote-keep-milestones", type=_non_negative_int, default=None, help="default: --ckpt-keep-milestones")
+    add("--gdrive-sync", action="store_true", help="seed alias: --sync-to rclone://GDRIVE_REMOTE/GDRIVE_DIR")
+    add("--gdrive-remote", default="gdrive", help="seed alias: the rclone remote for --gdrive-sync")
+    add("--gdrive-dir", default="research/papers/miras/runs", help="seed alias: the folder for --gdrive-sync")
+
     add = parser.add_argument_group("distributed").add_argument
     add(
         "--fsdp",
@@ -229,6 +248,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("argument --resume: 'auto' needs an explicit --run-name (a restart must find the same run)")
     if args.resume and args.init_from:
         parser.error("arguments --resume and --init-from: pick one (resume continues a run, init-from starts one)")
+    if args.gdrive_sync:
+        args.sync_to.append(f"rclone://{args.gdrive_remote}/{args.gdrive_dir.strip('/')}")
     if args.run_name is None:
         args.run_name = time.strftime("%Y%m%d-%H%M%S") + f"-{args.model_size}"
     elif not args.run_name or "/" in args.run_name or args.run_name.startswith("."):

@@ -1,0 +1,54 @@
+"""Training with --sync-to: remote resume on a fresh machine (bit-identical), a destination that is down,
+and a destination that fails the startup probe."""
+
+import json
+import shutil
+
+from miras.checkpoint.catalog import committed
+from tests.test_train_checkpoints import TINY, losses, run
+
+
+def test_a_fresh_machine_resumes_from_the_remote_copy_bit_identically(tmp_path):
+    remote = tmp_path / "remote"
+    common = [*TINY, "--max-steps", "6", "--ckpt-every-steps", "2", "--output-dir", str(tmp_path / "local")]
+    straight = run([*common, "--run-name", "straight"])
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    synced = [*common, "--run-name", "r", "--resume", "auto", "--sync-to", str(remote)]
+    killed = run(synced, env={"MIRAS_TEST_FAULT": "after_commit:kill@3"})  # dies while committing step 6
+    assert killed.returncode != 0
+    remote_steps = [p.name for p in committed(remote / "r" / "checkpoints")]
+    assert remote_steps and "step_00000006" not in remote_steps
+    assert json.loads((remote / "r" / "checkpoints" / remote_steps[-1] / "manifest.json").read_text())["files"]
+    shutil.rmtree(tmp_path / "local" / "r")  # the instance and its disk are gone
+
+    resumed = run(synced)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "pulled step_" in resumed.stdout and "resuming from step_" in resumed.stdout
+    assert losses(tmp_path / "local" / "r") == losses(tmp_path / "local" / "straight")
+    assert "step_00000006" in [p.name for p in committed(remote / "r" / "checkpoints")]
+    assert (remote / "r" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert (remote / "r" / "metrics.jsonl").read_text() == (tmp_path / "local" / "r" / "metrics.jsonl").read_text()
+
+
+def test_a_destination_down_for_the_whole_run_leaves_training_and_local_checkpoints_intact(tmp_path):
+    args = [*TINY, "--max-steps", "4", "--ckpt-every-steps", "2", "--output-dir", str(tmp_path), "--run-name", "d"]
+    args += ["--sync-to", f"testfs://{tmp_path / 'remote'}", "--storage-option", "testfs.down=true"]
+    refused = run(args)
+    assert refused.returncode == 2 and "--sync-optional" in refused.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "d").exists()  # failed fast, nothing written
+
+    result = run([*args, "--sync-optional", "--sync-timeout", "1"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [p.name for p in committed(tmp_path / "d" / "checkpoints")] == ["step_00000002", "step_00000004"]
+    rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["sync_failed"] >= 1 and "down" in rows[-1]["sync_last_error"]
+    assert "uploads not finished" in result.stdout
+    assert (tmp_path / "d" / "finished").exists()
+
+
+def test_an_unknown_scheme_is_one_line_and_exit_2(tmp_path):
+    result = run([*TINY, "--max-steps", "1", "--output-dir", str(tmp_path), "--sync-to", "nosuch://x/y"])
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "nosuch" in last and "file" in last and "Traceback" not in result.stderr
