@@ -412,8 +412,8 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     if main_process and writes:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(run_dir, run_record)
+        _truncate_metrics(run_dir / "metrics.jsonl", step)  # rows of a killed attempt past our start go
         if trainer_state is not None:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
             if trainer_state.get("wandb_id") and not (run_dir / layout.WANDB_ID_NAME).exists():
                 (run_dir / layout.WANDB_ID_NAME).write_text(trainer_state["wandb_id"] + "\n")
             _log_changes(args, trainer_state)

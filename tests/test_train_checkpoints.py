@@ -177,8 +177,15 @@ def test_killed_at_random_moments_and_inside_commits_it_always_resumes_from_the_
         process = subprocess.Popen(command(args, 2), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True)  # fmt: skip
         try:
-            if fault is None:  # a kill of every process of the run at a random moment (maybe mid-write)
-                time.sleep(rng.uniform(3.0, 9.0))
+            if fault is None:  # a kill of every process of the run at a random moment of its training
+                metrics = run_dir / "metrics.jsonl"
+                rows = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+                deadline = time.time() + 120
+                while process.poll() is None and time.time() < deadline:
+                    if metrics.exists() and len(metrics.read_text().splitlines()) > rows:
+                        break  # training is under way: steps and checkpoint commits are in flight
+                    time.sleep(0.05)
+                time.sleep(rng.uniform(0.0, 1.5))
                 kill_tree(process.pid)
             output = process.communicate(timeout=300)[0]
         finally:
