@@ -169,11 +169,16 @@ def test_wandb_offline_keeps_its_files_in_the_run_folder_and_reuses_the_id(tmp_p
     for variable in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
         env[variable] = ""
     args = [*TINY, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "wb", "--wandb"]
+    args += ["--ckpt-every-steps", "1", "--resume", "auto"]
     ids = []
-    for _ in range(2):
-        result = run_module(["miras.train", *args], env=env)
-        assert result.returncode == 0, result.stderr[-2000:]
+    # The first start is killed after its first checkpoint; the second resumes the same run (and wandb run).
+    for fault in ("after_commit:kill@1", ""):
+        result = run_module(["miras.train", *args], env={**env, "MIRAS_TEST_FAULT": fault})
+        assert result.returncode == (-9 if fault else 0), result.stderr[-2000:]
         ids.append((tmp_path / "wb" / "wandb_id").read_text().strip())
+    state_file = tmp_path / "wb" / "checkpoints" / "step_00000002" / "trainer" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["wandb_id"] == ids[0]
     assert ids[0] == ids[1]
     offline_runs = list((tmp_path / "wb" / "wandb").rglob(f"offline-run-*-{ids[0]}"))
     assert offline_runs, "wandb's files are not inside the run folder"

@@ -262,7 +262,8 @@ def test_a_nan_stops_without_a_checkpoint_a_second_writer_is_refused_and_finishe
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and "resuming" not in (tmp_path / "n" / "config.json").read_text():
+        lock = tmp_path / "n" / "lock"
+        while time.time() < deadline and f"pid {first.pid} " not in (lock.read_text() if lock.exists() else ""):
             time.sleep(0.2)
         second = run([*common, "--max-steps", "400", "--resume", "auto"])
         assert second.returncode == 2 and "in use by pid" in second.stderr
@@ -288,3 +289,18 @@ def test_resume_refuses_a_changed_model_shape_or_seq_len(tmp_path):
     assert size.returncode == 2 and "hidden_size" in size.stderr
     init = run([*common, "--seq-len", "64", "--max-steps", "1", "--run-name", "s4", "--init-from", folder])
     assert init.returncode == 0 and "starting" in init.stdout  # a new run from the weights: any seq-len
+
+
+def test_the_readme_checkpoint_commands_run_as_written(tmp_path):
+    from tests.readme import bash_lines
+
+    lines = bash_lines("Checkpoints and resume")
+    assert len(lines) == 3 and lines[0].startswith("python -m miras.train")
+    outputs = []
+    for line in lines:
+        result = subprocess.run(line, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                                env={**os.environ, **BASE_ENV})  # fmt: skip
+        assert result.returncode == 0, line + "\n" + result.stderr[-2000:]
+        outputs.append(result.stdout)
+    assert "step_00000010" in outputs[1] and "<- latest" in outputs[1]
+    assert ": ok (step 10" in outputs[2]
