@@ -90,7 +90,7 @@ class RunLogger:
             self.bar.close()
 
 
-_SHOWN = ("loss", "eval_loss", "recall_accuracy", "lr", "tokens_per_second", "mfu")
+_SHOWN = ("loss", "eval_loss", "recall_accuracy", "lr", "tokens_per_second", "mfu", "sync_queued", "sync_failed")
 
 
 def _short(key: str, value: Any) -> str:

@@ -436,6 +436,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
         keep_milestones=args.ckpt_keep_milestones,
         prune_enabled=not args.no_ckpt_prune,
         weights_only_milestones=args.milestone_weights_only,
+        weights_bf16=args.milestone_weights_bf16,
         log=lambda m: print(f"miras train: {m}", flush=True),
         on_commit=_sync_hook(syncer, run_dir) if syncer is not None else None,
     )

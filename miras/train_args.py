@@ -181,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="milestones leaving the keep-last set keep only the model (~3x less disk; no longer resumable)",
     )
+    add(
+        "--milestone-weights-bf16",
+        action="store_true",
+        help="with --milestone-weights-only: also store those milestones' weights in bfloat16 (~6x less disk)",
+    )
     add("--ckpt-shard-size", type=_byte_size, default="2GB", help="safetensors shard size (default 2GB)")
     add(
         "--resume",

@@ -133,6 +133,14 @@ def test_fsdp2_shards_parameters_matches_ddp_and_resumes_bit_identically(tmp_pat
         "__0_0.distcp",
         "__1_0.distcp",
     ]
+    from transformers import AutoModelForCausalLM
+
+    import miras  # noqa: F401  (registers the Auto classes)
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    probe = torch.arange(96).remainder(model.config.vocab_size).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(probe).logits, torch.load(tmp_path / "fsdp_rec" / "logits_step3.pt"))
     straight_and_resumed(tmp_path / "resume", procs=2, extra=["--fsdp"])
 
 
@@ -274,6 +282,16 @@ def test_a_nan_stops_without_a_checkpoint_a_second_writer_is_refused_and_finishe
     assert done.returncode == 0 and (tmp_path / "n" / "finished").exists()
     again = run([*common, "--max-steps", "4", "--resume", "auto"])
     assert again.returncode == 0 and "already finished" in again.stdout
+
+
+def test_a_failing_delete_is_logged_and_training_goes_on(tmp_path):
+    args = [*TINY, "--max-steps", "3", "--ckpt-every-steps", "1", "--ckpt-keep-last", "1"]
+    args += ["--ckpt-keep-milestones", "0", "--output-dir", str(tmp_path), "--run-name", "p"]
+    result = run(args, env={"MIRAS_TEST_FAULT": "prune_delete:fail"})  # the first delete fails
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "could not delete checkpoint" in result.stdout and (tmp_path / "p" / "finished").exists()
+    # retried at the next prune: only the newest is left
+    assert [f.name for f in committed(tmp_path / "p" / "checkpoints")] == ["step_00000003"]
 
 
 def test_resume_refuses_a_changed_model_shape_or_seq_len(tmp_path):

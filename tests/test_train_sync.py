@@ -30,6 +30,21 @@ def test_a_fresh_machine_resumes_from_the_remote_copy_bit_identically(tmp_path):
     assert (remote / "r" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
     assert (remote / "r" / "metrics.jsonl").read_text() == (tmp_path / "local" / "r" / "metrics.jsonl").read_text()
 
+    # --resume URL: a named remote checkpoint, downloaded and verified, continues exactly too.
+    url = f"file://{remote}/r/checkpoints/step_00000004"
+    named = run([*common, "--run-name", "from-url", "--resume", url])
+    assert named.returncode == 0, named.stderr[-2000:]
+    assert losses(tmp_path / "local" / "from-url") == [
+        row for row in losses(tmp_path / "local" / "straight") if row[0] > 4
+    ]
+
+
+def test_the_seed_gdrive_flags_mean_an_rclone_destination():
+    from miras.train_args import parse_args
+
+    args = parse_args(["--gdrive-sync", "--gdrive-remote", "gdrive", "--gdrive-dir", "research/papers/miras/runs"])
+    assert args.sync_to == ["rclone://gdrive/research/papers/miras/runs"]
+
 
 def test_a_destination_down_for_the_whole_run_leaves_training_and_local_checkpoints_intact(tmp_path):
     args = [*TINY, "--max-steps", "4", "--ckpt-every-steps", "2", "--output-dir", str(tmp_path), "--run-name", "d"]

@@ -20,7 +20,7 @@ from .faults import fault_point
 from .files import fsync_path, fsync_tree, write_latest
 from .layout import TMP_SUFFIX, checkpoint_name
 from .manifest import build_manifest, write_manifest
-from .retention import prune
+from .retention import prune, recover_interrupted_swap
 
 
 class CheckpointCommitter:
@@ -32,12 +32,13 @@ class CheckpointCommitter:
         prune_enabled: bool = True,
         weights_only_milestones: bool = False,
         log: Callable[[str], None] = print,
+        weights_bf16: bool = False,
         on_commit: Callable[[Path, int, bool, bool], None] | None = None,
     ):
         self.folder = Path(folder)
         self.keep_last, self.keep_milestones = keep_last, keep_milestones
         self.prune_enabled, self.weights_only_milestones = prune_enabled, weights_only_milestones
-        self.log, self.on_commit = log, on_commit
+        self.log, self.on_commit, self.weights_bf16 = log, on_commit, weights_bf16
         self._thread: threading.Thread | None = None
         self.last_error: BaseException | None = None
         self.last_committed: Path | None = None
@@ -99,7 +100,14 @@ class CheckpointCommitter:
             self.log(f"error: checkpoint {checkpoint_name(step)} was not committed: {error}")
             return
         if self.prune_enabled:
-            prune(self.folder, self.keep_last, self.keep_milestones, self.weights_only_milestones, self.log)
+            prune(
+                self.folder,
+                self.keep_last,
+                self.keep_milestones,
+                self.weights_only_milestones,
+                self.log,
+                weights_bf16=self.weights_bf16,
+            )
         if self.on_commit is not None:
             try:
                 self.on_commit(final_dir, step, milestone, final)
@@ -109,5 +117,6 @@ class CheckpointCommitter:
 
 def remove_stale_tmp(folder: Path) -> None:
     """Half-written step_*.tmp folders of a dead process (the run lock says no one else is writing)."""
+    recover_interrupted_swap(folder)
     for path in Path(folder).glob("step_*" + TMP_SUFFIX):
         shutil.rmtree(path, ignore_errors=True)

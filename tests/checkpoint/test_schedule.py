@@ -106,3 +106,33 @@ def test_keep_nothing_still_keeps_latest(tmp_path, keep_last):
         commit_fake(tmp_path, step, False)
     prune(tmp_path, keep_last=keep_last, keep_milestones=0)
     assert [i.step for i in catalog(tmp_path)] == [2]
+
+
+def test_bf16_weights_only_milestones_load_with_from_pretrained_and_an_interrupted_swap_is_undone(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import miras
+    from miras.checkpoint import verify_folder
+    from miras.checkpoint.commit import remove_stale_tmp
+    from miras.checkpoint.retention import strip_trainer_state
+
+    model = miras.MonetaForCausalLM(miras.MonetaConfig.from_size("xs", vocab_size=300, num_hidden_layers=1))
+    folder = tmp_path / checkpoint_name(7)
+    model.save_pretrained(folder, max_shard_size="2MB")
+    (folder / "trainer").mkdir()
+    (folder / "trainer" / "optimizer.bin").write_bytes(b"o" * 4096)
+    write_manifest(folder, build_manifest(folder, 7, True))
+    before = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    strip_trainer_state(folder, bf16=True)
+    assert verify_folder(folder) == [] and not (folder / "trainer").exists()
+    assert sum(p.stat().st_size for p in folder.glob("*.safetensors")) < 0.6 * before
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert loaded.dtype == torch.bfloat16
+    ids = torch.arange(40).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits.float(), model(ids).logits, atol=0.1, rtol=0.05)
+    # killed between "original -> .old.tmp" and "slim -> step_X": the original comes back at the next start
+    folder.rename(folder.with_name(folder.name + ".old.tmp"))
+    remove_stale_tmp(tmp_path)
+    assert verify_folder(folder) == []
