@@ -36,6 +36,7 @@ import shlex
 import sys
 from typing import Any
 
+from .argtypes import non_negative_float, non_negative_int, positive_int
 from .configuration import MODEL_SIZES, MonetaConfig
 
 GB = 10**9
@@ -331,36 +332,6 @@ class _Parser(argparse.ArgumentParser):
         raise EstimateError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (expected a positive integer)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive (expected an integer >= 1)")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (expected an integer >= 0)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative (expected an integer >= 0)")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (expected a number >= 0)") from None
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number >= 0")
-    return value
-
-
 def _add_run_flags(add, defaults: bool) -> None:
     """The flags shared with `miras train` (same names and defaults); without defaults for --train-args."""
 
@@ -368,13 +339,13 @@ def _add_run_flags(add, defaults: bool) -> None:
         return value if defaults else None
 
     add("--model-size", default=d("xs"), choices=list(MODEL_SIZES), help="size preset (default xs, as train)")
-    add("--seq-len", type=_positive_int, default=d(4096), help="tokens per sequence (default 4096)")
-    add("--batch-size", "--microbatch-size", type=_positive_int, default=d(1), help="sequences per device")
+    add("--seq-len", type=positive_int, default=d(4096), help="tokens per sequence (default 4096)")
+    add("--batch-size", "--microbatch-size", type=positive_int, default=d(1), help="sequences per device")
     add("--precision", default=d("auto"), choices=["auto", "bf16", "fp16", "fp32"], help="auto = bf16 (GPU)")
-    add("--ckpt-keep-last", type=_non_negative_int, default=d(12))
-    add("--ckpt-keep-milestones", type=_non_negative_int, default=d(24))
-    add("--ckpt-every-seconds", type=_non_negative_float, default=d(300.0))
-    add("--ckpt-milestone-every-seconds", type=_non_negative_float, default=d(3600.0))
+    add("--ckpt-keep-last", type=non_negative_int, default=d(12))
+    add("--ckpt-keep-milestones", type=non_negative_int, default=d(24))
+    add("--ckpt-every-seconds", type=non_negative_float, default=d(300.0))
+    add("--ckpt-milestone-every-seconds", type=non_negative_float, default=d(3600.0))
     add("--no-ckpt-prune", action="store_true", default=d(False))
     add("--milestone-weights-only", action="store_true", default=d(False))
 
@@ -387,8 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_flags(parser.add_argument, defaults=True)
     add = parser.add_argument
-    add("--vocab-size", type=_positive_int, default=GPT2_VOCAB, help="default 50257 (gpt2, the training default)")
-    add("--headroom-gb", type=_non_negative_float, default=DEFAULT_HEADROOM_GB, help="image, caches, logs (30)")
+    add("--vocab-size", type=positive_int, default=GPT2_VOCAB, help="default 50257 (gpt2, the training default)")
+    add("--headroom-gb", type=non_negative_float, default=DEFAULT_HEADROOM_GB, help="image, caches, logs (30)")
     add("--train-args", default=None, help="a training command line: its run flags override the defaults")
     add("--no-measure", action="store_true", help="skip the GPU memory estimate (its CPU measurement)")
     add("--json", action="store_true", help="print JSON instead of the table")

@@ -9,10 +9,11 @@ folder: `import miras` is all AutoModelForCausalLM, AutoTokenizer and `transform
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import sys
 from pathlib import Path
+
+from .argtypes import positive_float, positive_int
 
 LATEST_NAME = "latest"
 CHECKPOINTS_DIR = "checkpoints"
@@ -187,28 +188,8 @@ class _Parser(argparse.ArgumentParser):
         raise GenerateError(message)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (expected an integer >= 1)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive (expected an integer >= 1)")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (expected a number > 0)") from None
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
-    return value
-
-
 def _probability(text: str) -> float:
-    value = _positive_float(text)
+    value = positive_float(text)
     if value > 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not in (0, 1]")
     return value
@@ -229,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("checkpoint", metavar="PATH_OR_URL", help="checkpoint folder, run folder, or storage URL of either")
     add("--prompt", default="", help="text to continue (default: empty, start from the start token)")
-    add("--max-new-tokens", type=_positive_int, default=100)
-    add("--temperature", type=_positive_float, default=1.0, help="sampling temperature (default 1.0)")
+    add("--max-new-tokens", type=positive_int, default=100)
+    add("--temperature", type=positive_float, default=1.0, help="sampling temperature (default 1.0)")
     add("--top-p", type=_probability, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0: off)")
     add("--greedy", action="store_true", help="take the most likely token (ignores --temperature/--top-p)")
     add("--seed", type=int, default=None, help="for reproducible sampling")

@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 
+from .argtypes import byte_size, non_negative_float, non_negative_int, positive_float, positive_int
 from .configuration import MODEL_SIZES
 from .data import BUILTIN, DEFAULT_HUB_DATASET
 
@@ -18,59 +19,6 @@ from .data import BUILTIN, DEFAULT_HUB_DATASET
 PAPER_TOKEN_BUDGET = {"xs": 100_000_000, "s": 15_000_000_000, "m": 15_000_000_000, "l": 30_000_000_000}
 PAPER_TOKEN_BUDGET["xl"] = 100_000_000_000
 PAPER_PEAK_LR = {"s": 3e-3, "m": 1.5e-3, "l": 1.25e-3}
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (expected a positive integer)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} is not positive (expected an integer >= 1)")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(float(text)) if "e" in text.lower() else int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (expected an integer >= 0)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative (expected an integer >= 0)")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number (expected a number >= 0)") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative (expected a number >= 0)")
-    return value
-
-
-def _byte_size(text: str) -> int:
-    """'2GB', '500MB', '123456' -> bytes (decimal units, as transformers' max_shard_size)."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    units.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30})
-    number = text.strip().upper().rstrip()
-    digits = number.rstrip("KMGTIB")
-    unit = number[len(digits) :]
-    try:
-        value = float(digits) * units[unit]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (expected e.g. 2GB, 500MB or a byte count)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not positive (expected e.g. 2GB)")
-    return int(value)
-
-
-def _positive_float(text: str) -> float:
-    value = _non_negative_float(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("0 is not allowed (expected a number > 0)")
-    return value
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -93,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-grad-checkpoint", action="store_true", help="disable block activation checkpointing (on by default)")
     add(
         "--moneta-detach-state-every",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="truncated BPTT inside the memory, in tokens (a multiple of the chunk; 0 = full backprop, the paper)",
     )
@@ -109,25 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-tf32", action="store_true", help="disable TF32 matmuls on CUDA")
 
     add = parser.add_argument_group("batch and schedule").add_argument
-    add("--seq-len", type=_positive_int, default=4096, help="tokens per sequence (default 4096)")
-    add("--batch-size", "--microbatch-size", type=_positive_int, default=1, help="sequences per device per micro-step")
-    add("--grad-accum", "--grad-accum-steps", type=_positive_int, default=1, help="micro-steps per optimizer step")
+    add("--seq-len", type=positive_int, default=4096, help="tokens per sequence (default 4096)")
+    add("--batch-size", "--microbatch-size", type=positive_int, default=1, help="sequences per device per micro-step")
+    add("--grad-accum", "--grad-accum-steps", type=positive_int, default=1, help="micro-steps per optimizer step")
     add(
         "--global-batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help="seed alias: sequences per optimizer step over all devices; sets --grad-accum",
     )
-    add("--lr", type=_positive_float, default=3e-4, help="peak learning rate (default 3e-4, as the seed)")
-    add("--warmup-steps", type=_non_negative_int, default=None, help="default: 2%% of the steps, at most 2000")
-    add("--weight-decay", type=_non_negative_float, default=0.1)
-    add("--grad-clip", "--grad-clip-norm", type=_non_negative_float, default=1.0, help="0 disables clipping")
-    add("--max-steps", type=_non_negative_int, default=0, help="optimizer steps (0: from the token budget)")
-    add("--max-tokens", type=_non_negative_int, default=0, help="default: the paper's budget for the size")
+    add("--lr", type=positive_float, default=3e-4, help="peak learning rate (default 3e-4, as the seed)")
+    add("--warmup-steps", type=non_negative_int, default=None, help="default: 2%% of the steps, at most 2000")
+    add("--weight-decay", type=non_negative_float, default=0.1)
+    add("--grad-clip", "--grad-clip-norm", type=non_negative_float, default=1.0, help="0 disables clipping")
+    add("--max-steps", type=non_negative_int, default=0, help="optimizer steps (0: from the token budget)")
+    add("--max-tokens", type=non_negative_int, default=0, help="default: the paper's budget for the size")
     add(
         "--max-time",
         "--max-time-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=0,
         help="stop after this many seconds of training time (0: no limit)",
     )
@@ -146,17 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--text-field", default="text")
     add("--tokenizer", "--tokenizer-name", default=None, help="name or path; default byte for builtin, else gpt2")
     add("--data-source", default=None, choices=["random", "hf_buffer"], help="seed alias: random = random tokens")
-    add("--eval-documents", type=_non_negative_int, default=32, help="documents held out for evaluation")
-    add("--eval-batches", type=_positive_int, default=4)
+    add("--eval-documents", type=non_negative_int, default=32, help="documents held out for evaluation")
+    add("--eval-batches", type=positive_int, default=4)
     add("--max-seq-len", type=int, default=None, help="seed alias; no effect here (no position table)")
     add("--buffer-tokens", type=int, default=None, help="seed alias; no effect here (the data streams)")
 
     add = parser.add_argument_group("run and logging").add_argument
     add("--output-dir", "--runs-dir", default="runs", help="runs land in OUTPUT_DIR/RUN_NAME (default runs)")
     add("--run-name", default=None, help="default: start time and size")
-    add("--log-every", "--log-every-steps", type=_positive_int, default=10)
-    add("--eval-every", type=_non_negative_int, default=0, help="steps between evaluations (0: at the end only)")
-    add("--peak-tflops", type=_positive_float, default=None, help="hardware peak for MFU (default: known GPUs)")
+    add("--log-every", "--log-every-steps", type=positive_int, default=10)
+    add("--eval-every", type=non_negative_int, default=0, help="steps between evaluations (0: at the end only)")
+    add("--peak-tflops", type=positive_float, default=None, help="hardware peak for MFU (default: known GPUs)")
     add("--wandb", action="store_true")
     add("--wandb-project", default=None, help="default: $WANDB_PROJECT or miras")
     add("--wandb-entity", default=None, help="default: $WANDB_ENTITY")
@@ -165,16 +113,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--wandb-mode", default=None, choices=["online", "offline", "disabled"], help="default: $WANDB_MODE")
 
     add = parser.add_argument_group("checkpoints and resume").add_argument
-    add("--ckpt-every-seconds", type=_non_negative_float, default=300.0, help="of training time (0: off)")
-    add("--ckpt-every-steps", type=_non_negative_int, default=0, help="also every N steps (0: off)")
+    add("--ckpt-every-seconds", type=non_negative_float, default=300.0, help="of training time (0: off)")
+    add("--ckpt-every-steps", type=non_negative_int, default=0, help="also every N steps (0: off)")
     add(
         "--ckpt-milestone-every-seconds",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=3600.0,
         help="a checkpoint is a milestone when this much training time passed since the last one",
     )
-    add("--ckpt-keep-last", type=_non_negative_int, default=12, help="newest checkpoints kept")
-    add("--ckpt-keep-milestones", type=_non_negative_int, default=24, help="newest milestones kept (besides)")
+    add("--ckpt-keep-last", type=non_negative_int, default=12, help="newest checkpoints kept")
+    add("--ckpt-keep-milestones", type=non_negative_int, default=24, help="newest milestones kept (besides)")
     add("--no-ckpt-prune", action="store_true", help="keep every checkpoint")
     add(
         "--milestone-weights-only",
@@ -186,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --milestone-weights-only: also store those milestones' weights in bfloat16 (~6x less disk)",
     )
-    add("--ckpt-shard-size", type=_byte_size, default="2GB", help="safetensors shard size (default 2GB)")
+    add("--ckpt-shard-size", type=byte_size, default="2GB", help="safetensors shard size (default 2GB)")
     add(
         "--resume",
         default=None,
@@ -211,10 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="e.g. endpoint_url=... (S3)")
     add("--sync-milestones-only", action="store_true", help="upload only milestones and the final checkpoint")
-    add("--sync-timeout", type=_non_negative_float, default=600.0, help="seconds to finish uploads at exit")
+    add("--sync-timeout", type=non_negative_float, default=600.0, help="seconds to finish uploads at exit")
     add("--sync-optional", action="store_true", help="train even if a destination fails the startup probe")
-    add("--remote-keep-last", type=_non_negative_int, default=None, help="default: --ckpt-keep-last")
-    add("--remote-keep-milestones", type=_non_negative_int, default=None, help="default: --ckpt-keep-milestones")
+    add("--remote-keep-last", type=non_negative_int, default=None, help="default: --ckpt-keep-last")
+    add("--remote-keep-milestones", type=non_negative_int, default=None, help="default: --ckpt-keep-milestones")
     add("--gdrive-sync", action="store_true", help="seed alias: --sync-to rclone://GDRIVE_REMOTE/GDRIVE_DIR")
     add("--gdrive-remote", default="gdrive", help="seed alias: the rclone remote for --gdrive-sync")
     add("--gdrive-dir", default="research/papers/miras/runs", help="seed alias: the folder for --gdrive-sync")
@@ -228,12 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add = parser.add_argument_group("dry run (a few offline steps, writes nothing)").add_argument
     add("--dry-run", action="store_true")
-    add("--dry-run-dim", type=_positive_int, default=64)
-    add("--dry-run-n-layers", type=_positive_int, default=2)
-    add("--dry-run-steps", type=_positive_int, default=3)
-    add("--dry-run-seq-len", type=_positive_int, default=128)
-    add("--dry-run-microbatch-size", type=_positive_int, default=2)
-    add("--dry-run-vocab-size", type=_positive_int, default=257)
+    add("--dry-run-dim", type=positive_int, default=64)
+    add("--dry-run-n-layers", type=positive_int, default=2)
+    add("--dry-run-steps", type=positive_int, default=3)
+    add("--dry-run-seq-len", type=positive_int, default=128)
+    add("--dry-run-microbatch-size", type=positive_int, default=2)
+    add("--dry-run-vocab-size", type=positive_int, default=257)
     add("--dry-run-full-model", action="store_true", help="use --model-size instead of the tiny dry-run model")
     for action in parser._actions:  # mark the seed's names where ours differ
         if len(action.option_strings) > 1 and action.dest != "help":
