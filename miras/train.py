@@ -27,7 +27,6 @@ from .checkpoint.commit import CheckpointCommitter, remove_stale_tmp
 from .checkpoint.faults import fault_point
 from .checkpoint.files import checkpoints_dir, write_text_atomic
 from .checkpoint.lock import RunLock, RunLockedError
-from .checkpoint.manifest import verify_folder
 from .checkpoint.schedule import CheckpointSchedule
 from .checkpoint.trainer_state import (
     SCHEDULER_STATE,
@@ -65,6 +64,20 @@ from .modeling import MonetaForCausalLM
 from .parallel import as_float, gradient_sync, reshard, shard_model, take_fsdp_request
 from .tokenizer import TokenizerError, load_tokenizer
 from .train_args import parse_args
+from .train_checks import (
+    EXIT_DIVERGED,
+    EXIT_FAILED,
+    TrainingStopped,
+    check_checkpoint_argument,
+    check_resume_compatible,
+    check_shape,
+    latest_name,
+    log_changes,
+    read_wandb_id,
+    truncate_metrics,
+    warn_about_disk,
+)
+from .train_sync import close_syncer, download_explicit, fetch_init_from, is_url, pull_remote, start_syncer, sync_hook
 
 NO_DECAY_NAMES = (
     ".mixer.gate_proj.",
@@ -74,29 +87,6 @@ NO_DECAY_NAMES = (
     "memory_a1",
     "memory_a2",
 )
-# Model fields a resumed run must share with its checkpoint (anything else may change).
-SHAPE_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_heads",
-    "intermediate_size",
-    "vocab_size",
-    "chunk_size",
-    "mem_expansion",
-    "p",
-    "q",
-    "conv_size",
-    "channelwise_gates",
-)
-EXIT_USAGE, EXIT_FAILED, EXIT_DIVERGED = 2, 1, 3
-
-
-class TrainingStopped(Exception):
-    """Ends the run with a one-line message and an exit code (2 user error, 1 failure, 3 diverged)."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.code = code
 
 
 def resolve_precision(args) -> str:
@@ -279,8 +269,8 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     except (DataError, TokenizerError, ValueError) as error:
         raise TrainingStopped(str(error)) from None
     source = args.resume if args.resume not in (None, "auto") else args.init_from
-    if source is not None and not _is_url(source):
-        _check_checkpoint_argument(source, "--resume" if args.resume else "--init-from")
+    if source is not None and not is_url(source):
+        check_checkpoint_argument(source, "--resume" if args.resume else "--init-from")
 
     writes = not args.dry_run
     run_dir = Path(args.output_dir) / args.run_name
@@ -295,16 +285,16 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
             decision["finished"] = True
         else:
             try:
-                syncer = _start_syncer(args, run_dir)  # probes every destination before anything is written
+                syncer = start_syncer(args, run_dir)  # probes every destination before anything is written
                 lock.acquire()
                 remove_stale_tmp(ckpt_dir)
                 if args.resume == "auto":
                     found = find_resumable(ckpt_dir, warn=lambda m: print(f"miras train: warning: {m}", flush=True))
                     if found is None and syncer is not None:
-                        found = _pull_remote(args, run_dir)  # a fresh instance: continue from the remote copy
+                        found = pull_remote(args, run_dir)  # a fresh instance: continue from the remote copy
                     decision["resume"] = str(found) if found else None
-                elif args.resume and _is_url(args.resume):
-                    decision["resume"] = str(_download_explicit(args.resume, ckpt_dir, args))
+                elif args.resume and is_url(args.resume):
+                    decision["resume"] = str(download_explicit(args.resume, ckpt_dir, args))
                 elif args.resume:
                     decision["resume"] = args.resume
                 elif committed(ckpt_dir):
@@ -333,15 +323,15 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
         syncer.submit_checkpoint(resume_dir, info.step, info.milestone)
     trainer_state = read_trainer_state(resume_dir) if resume_dir else None
     if trainer_state is not None:
-        _check_resume_compatible(args, resume_dir, trainer_state, model_config, world_size)
+        check_resume_compatible(args, resume_dir, trainer_state, model_config, world_size)
 
-    if args.init_from and _is_url(args.init_from):
-        args.init_from = broadcast(accelerator, _fetch_init_from(args, run_dir) if main_process else None)
+    if args.init_from and is_url(args.init_from):
+        args.init_from = broadcast(accelerator, fetch_init_from(args, run_dir) if main_process else None)
     weights_from = resume_dir or (Path(args.init_from) if args.init_from else None)
     if weights_from is not None:
         model = MonetaForCausalLM.from_pretrained(weights_from, dtype=torch.float32)
         if args.init_from:
-            _check_shape(MonetaConfig.from_pretrained(weights_from), model_config, "--init-from")
+            check_shape(MonetaConfig.from_pretrained(weights_from), model_config, "--init-from")
     else:
         model = MonetaForCausalLM(model_config)
     model_config = model.config
@@ -412,14 +402,14 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     if main_process and writes:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_run_config(run_dir, run_record)
-        _truncate_metrics(run_dir / "metrics.jsonl", step)  # rows of a killed attempt past our start go
+        truncate_metrics(run_dir / "metrics.jsonl", step)  # rows of a killed attempt past our start go
         if trainer_state is not None:
             if trainer_state.get("wandb_id") and not (run_dir / layout.WANDB_ID_NAME).exists():
                 (run_dir / layout.WANDB_ID_NAME).write_text(trainer_state["wandb_id"] + "\n")
-            _log_changes(args, trainer_state)
+            log_changes(args, trainer_state)
         if args.wandb:
             wandb_run = start_wandb(args, run_dir, run_record)
-        _warn_about_disk(args, run_dir, num_parameters)
+        warn_about_disk(args, run_dir, num_parameters)
     logger = RunLogger(run_dir if writes else None, total_steps, step, main_process, wandb_run)
     if main_process:
         what = f"resuming from {resume_dir.name} (step {step})" if resume_dir else "starting"
@@ -438,7 +428,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
         weights_only_milestones=args.milestone_weights_only,
         weights_bf16=args.milestone_weights_bf16,
         log=lambda m: print(f"miras train: {m}", flush=True),
-        on_commit=_sync_hook(syncer, run_dir) if syncer is not None else None,
+        on_commit=sync_hook(syncer, run_dir) if syncer is not None else None,
     )
     pending_optimizer = []  # this rank's optimizer shard write in flight
 
@@ -477,7 +467,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
             "grad_accum": args.grad_accum,
             "lr": args.lr,
             "total_steps": total_steps,
-            "wandb_id": _read_wandb_id(run_dir),
+            "wandb_id": read_wandb_id(run_dir),
             "milestone": milestone,
         }
         scheduler_state = scheduler.state_dict()
@@ -538,10 +528,10 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
             if accelerator.mixed_precision != "fp16":
                 logger.close()
                 wait_for_checkpoint()
-                _close_syncer(syncer, args.sync_timeout, run_dir)
+                close_syncer(syncer, args.sync_timeout, run_dir)
                 raise TrainingStopped(
                     f"the loss ({float(step_loss)}) or gradient norm ({grad_norm}) is not finite at step {step + 1}; "
-                    f"stopping without a checkpoint (latest good one: {_latest_name(ckpt_dir)})",
+                    f"stopping without a checkpoint (latest good one: {latest_name(ckpt_dir)})",
                     EXIT_DIVERGED,
                 )
         optimizer.step()
@@ -599,7 +589,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
 
     wait_for_checkpoint()
     logger.close()
-    _close_syncer(syncer, args.sync_timeout, run_dir)
+    close_syncer(syncer, args.sync_timeout, run_dir)
     accelerator.wait_for_everyone()
     if committer.last_error is not None and (finished or stopped_by):
         raise TrainingStopped(f"the final checkpoint failed: {committer.last_error}", EXIT_FAILED)
@@ -611,7 +601,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
         if stopped_by:
             print(
                 f"miras train: {args.run_name}: stopped by {stopped_by} at step {step}; checkpoint "
-                f"{_latest_name(ckpt_dir)} committed; continue with --resume auto",
+                f"{latest_name(ckpt_dir)} committed; continue with --resume auto",
                 flush=True,
             )
         else:
@@ -621,228 +611,6 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     lock.release()
     accelerator.end_training()
     return 0
-
-
-def _is_url(text: str) -> bool:
-    return "://" in str(text)
-
-
-def _storage_options(args) -> dict[str, str]:
-    from .storage import StorageError, parse_options
-
-    try:
-        return parse_options(args.storage_option)
-    except StorageError as error:
-        raise TrainingStopped(f"--storage-option: {error}") from None
-
-
-def _start_syncer(args, run_dir: Path):
-    """The background uploader for --sync-to, after a probe of every destination (fail fast, one line)."""
-    if not args.sync_to:
-        return None
-    from .storage import StorageError, Syncer, drive_cap_warning, estimated_daily_bytes
-
-    keep_last = args.remote_keep_last if args.remote_keep_last is not None else args.ckpt_keep_last
-    keep_milestones = args.remote_keep_milestones
-    if keep_milestones is None:
-        keep_milestones = args.ckpt_keep_milestones
-    try:
-        syncer = Syncer(
-            args.sync_to,
-            args.run_name,
-            run_dir,
-            _storage_options(args),
-            keep_last=None if args.no_ckpt_prune else keep_last,
-            keep_milestones=None if args.no_ckpt_prune else keep_milestones,
-            milestones_only=args.sync_milestones_only,
-        )
-    except StorageError as error:
-        raise TrainingStopped(f"--sync-to: {error}") from None
-    try:
-        syncer.probe()
-    except StorageError as error:
-        if not args.sync_optional:
-            syncer.close(0)
-            raise TrainingStopped(f"{error} (pass --sync-optional to train anyway)") from None
-        print(f"miras train: warning: {error}; training anyway (--sync-optional), uploads will be retried", flush=True)
-    interval = args.ckpt_milestone_every_seconds if args.sync_milestones_only else args.ckpt_every_seconds
-    one_checkpoint = _checkpoint_bytes_estimate(args)
-    if interval and one_checkpoint:
-        warning = drive_cap_warning(syncer.destinations, estimated_daily_bytes(one_checkpoint, interval))
-        if warning:
-            print(f"miras train: warning: {warning}", flush=True)
-    print(f"miras train: syncing to {', '.join(syncer.destinations)} (under <url>/{args.run_name}/)", flush=True)
-    return syncer
-
-
-def _checkpoint_bytes_estimate(args) -> int:
-    """fp32 weights + AdamW's two moments for the chosen size (the gpt2 vocabulary when it is unknown yet)."""
-    try:
-        from .parameters import count_parameters
-
-        config = MonetaConfig.from_size(args.model_size, vocab_size=50257)
-        return int(count_parameters(config)["total"]) * 12
-    except Exception:
-        return 0
-
-
-def _pull_remote(args, run_dir: Path) -> Path | None:
-    from .storage import StorageError, pull_latest, run_url
-
-    options = _storage_options(args)
-    for url in args.sync_to:
-        try:
-            found = pull_latest(run_url(url, args.run_name), run_dir, options)
-        except StorageError as error:
-            print(f"miras train: warning: could not read {run_url(url, args.run_name)}: {error}", flush=True)
-            continue
-        if found is not None:
-            print(f"miras train: pulled {found.name} from {run_url(url, args.run_name)} (verified)", flush=True)
-            return found
-    return None
-
-
-def _download_explicit(url: str, ckpt_dir: Path, args) -> Path:
-    """--resume URL: the named remote checkpoint folder, downloaded and verified against its manifest."""
-    from .checkpoint.layout import parse_step
-    from .storage import StorageError, download_checkpoint
-
-    parent, _, name = url.rstrip("/").rpartition("/")
-    if parse_step(name) is None:
-        raise TrainingStopped(f"--resume {url!r}: expected a URL ending in a step_XXXXXXXX checkpoint folder")
-    try:
-        path = download_checkpoint(parent, name, ckpt_dir / name, _storage_options(args))
-    except StorageError as error:
-        raise TrainingStopped(f"--resume {url!r}: {error}") from None
-    _check_checkpoint_argument(str(path), "--resume")
-    return path
-
-
-def _fetch_init_from(args, run_dir: Path) -> str:
-    from .storage import StorageError, download_checkpoint
-
-    parent, _, name = args.init_from.rstrip("/").rpartition("/")
-    try:
-        path = download_checkpoint(parent, name, run_dir / "init_from" / name, _storage_options(args))
-    except StorageError as error:
-        raise TrainingStopped(f"--init-from {args.init_from!r}: {error}") from None
-    return str(path)
-
-
-def _sync_hook(syncer, run_dir: Path):
-    def after_commit(folder: Path, step: int, milestone: bool, final: bool) -> None:
-        syncer.submit_checkpoint(folder, step, milestone, final=final)
-        for name in ("config.json", "metrics.jsonl"):
-            if (run_dir / name).exists():
-                syncer.submit_file(run_dir / name)
-
-    return after_commit
-
-
-def _close_syncer(syncer, timeout: float, run_dir: Path) -> None:
-    if syncer is None:
-        return
-    for name in ("config.json", "metrics.jsonl"):
-        if (run_dir / name).exists():
-            syncer.submit_file(run_dir / name)
-    done = syncer.close(timeout)
-    status = syncer.status()
-    if done:
-        print(f"miras train: sync: all uploads done ({status['sync_uploaded']} uploaded)", flush=True)
-    else:
-        print(
-            f"miras train: warning: sync: uploads not finished within --sync-timeout {timeout:g}s "
-            f"({status['sync_queued']} queued, last error: {status['sync_last_error']}); local checkpoints are "
-            "intact and the next start with --resume auto uploads again",
-            flush=True,
-        )
-
-
-def _check_checkpoint_argument(source: str, flag: str) -> None:
-    path = Path(source)
-    if not path.is_dir():
-        raise TrainingStopped(f"{flag} {source!r}: no such checkpoint folder (expected a step_XXXXXXXX folder)")
-    problems = verify_folder(path)
-    if problems:
-        raise TrainingStopped(f"{flag} {source!r} is not a valid checkpoint: {problems[0]}")
-    if flag == "--resume" and not (path / TRAINER_STATE).is_file():
-        raise TrainingStopped(f"{flag} {source!r} holds weights only (use --init-from to start a new run from it)")
-
-
-def _check_shape(saved: MonetaConfig, wanted: MonetaConfig, flag: str) -> None:
-    for field in SHAPE_FIELDS:
-        if getattr(saved, field, None) != getattr(wanted, field, None):
-            raise TrainingStopped(
-                f"{flag}: the checkpoint's model has {field}={getattr(saved, field, None)!r} but this run asks for "
-                f"{getattr(wanted, field, None)!r} (model shape cannot change; match --model-size and --tokenizer)"
-            )
-
-
-def _check_resume_compatible(args, folder: Path, state: dict, model_config: MonetaConfig, world_size: int) -> None:
-    _check_shape(MonetaConfig.from_pretrained(folder), model_config, "--resume")
-    if state["seq_len"] != args.seq_len:
-        raise TrainingStopped(
-            f"--seq-len {args.seq_len}: the run being resumed trains with --seq-len {state['seq_len']} "
-            "(it cannot change on resume)"
-        )
-    if state["world_size"] != world_size and not args.allow_world_size_change:
-        raise TrainingStopped(
-            f"world size {world_size}: the checkpoint was written by {state['world_size']} processes; resume with "
-            f"{state['world_size']}, or pass --allow-world-size-change (data positions then restart; see README)"
-        )
-
-
-def _log_changes(args, state: dict) -> None:
-    for field, value in (("lr", args.lr), ("batch_size", args.batch_size), ("grad_accum", args.grad_accum)):
-        if field in state and state[field] != value:
-            print(f"miras train: note: {field} changes on resume: {state[field]} -> {value}", flush=True)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint we resume from, so metrics.jsonl reads as one run."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except ValueError:
-            continue  # a line cut by the kill
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def _read_wandb_id(run_dir: Path) -> str | None:
-    try:
-        return (run_dir / layout.WANDB_ID_NAME).read_text().strip() or None
-    except OSError:
-        return None
-
-
-def _latest_name(ckpt_dir: Path) -> str:
-    from .checkpoint.files import read_latest
-
-    return read_latest(ckpt_dir) or "none"
-
-
-def _warn_about_disk(args, run_dir: Path, num_parameters: int) -> None:
-    """Compare the retention policy's estimated size with the free disk, and name the gap."""
-    if args.no_ckpt_prune:
-        kept = None
-    else:
-        kept = args.ckpt_keep_last + args.ckpt_keep_milestones
-    one = num_parameters * 4 * 3  # fp32 weights + AdamW's two moments
-    if kept is None:
-        return
-    needed = one * kept
-    free = shutil.disk_usage(run_dir).free
-    if needed > free:
-        print(
-            f"miras train: warning: keeping {kept} checkpoints of ~{one / 1e9:.2f} GB needs ~{needed / 1e9:.1f} GB, "
-            f"but {run_dir} has {free / 1e9:.1f} GB free (short by {(needed - free) / 1e9:.1f} GB); lower "
-            "--ckpt-keep-last/--ckpt-keep-milestones or use --milestone-weights-only",
-            flush=True,
-        )
 
 
 def _write_record(directory: Path, record: dict, model: torch.nn.Module) -> None:

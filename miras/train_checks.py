@@ -1,0 +1,127 @@
+"""What `miras train` checks before it resumes, and the run folder's housekeeping.
+
+A resumed run must share its checkpoint's model shape and sequence length (and, unless allowed, its
+world size); metrics.jsonl is cut back to the checkpoint's step; a retention policy that will not fit on
+the disk is named at start. Failures end the run with a one-line TrainingStopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from .checkpoint import layout
+from .checkpoint.files import read_latest, write_text_atomic
+from .checkpoint.manifest import verify_folder
+from .checkpoint.trainer_state import TRAINER_STATE
+from .configuration import MonetaConfig
+
+EXIT_USAGE, EXIT_FAILED, EXIT_DIVERGED = 2, 1, 3
+# Model fields a resumed run must share with its checkpoint (anything else may change).
+SHAPE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_heads",
+    "intermediate_size",
+    "vocab_size",
+    "chunk_size",
+    "mem_expansion",
+    "p",
+    "q",
+    "conv_size",
+    "channelwise_gates",
+)
+
+
+class TrainingStopped(Exception):
+    """Ends the run with a one-line message and an exit code (2 user error, 1 failure, 3 diverged)."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+def check_checkpoint_argument(source: str, flag: str) -> None:
+    path = Path(source)
+    if not path.is_dir():
+        raise TrainingStopped(f"{flag} {source!r}: no such checkpoint folder (expected a step_XXXXXXXX folder)")
+    problems = verify_folder(path)
+    if problems:
+        raise TrainingStopped(f"{flag} {source!r} is not a valid checkpoint: {problems[0]}")
+    if flag == "--resume" and not (path / TRAINER_STATE).is_file():
+        raise TrainingStopped(f"{flag} {source!r} holds weights only (use --init-from to start a new run from it)")
+
+
+def check_shape(saved: MonetaConfig, wanted: MonetaConfig, flag: str) -> None:
+    for field in SHAPE_FIELDS:
+        if getattr(saved, field, None) != getattr(wanted, field, None):
+            raise TrainingStopped(
+                f"{flag}: the checkpoint's model has {field}={getattr(saved, field, None)!r} but this run asks for "
+                f"{getattr(wanted, field, None)!r} (model shape cannot change; match --model-size and --tokenizer)"
+            )
+
+
+def check_resume_compatible(args, folder: Path, state: dict, model_config: MonetaConfig, world_size: int) -> None:
+    check_shape(MonetaConfig.from_pretrained(folder), model_config, "--resume")
+    if state["seq_len"] != args.seq_len:
+        raise TrainingStopped(
+            f"--seq-len {args.seq_len}: the run being resumed trains with --seq-len {state['seq_len']} "
+            "(it cannot change on resume)"
+        )
+    if state["world_size"] != world_size and not args.allow_world_size_change:
+        raise TrainingStopped(
+            f"world size {world_size}: the checkpoint was written by {state['world_size']} processes; resume with "
+            f"{state['world_size']}, or pass --allow-world-size-change (data positions then restart; see README)"
+        )
+
+
+def log_changes(args, state: dict) -> None:
+    for field, value in (("lr", args.lr), ("batch_size", args.batch_size), ("grad_accum", args.grad_accum)):
+        if field in state and state[field] != value:
+            print(f"miras train: note: {field} changes on resume: {state[field]} -> {value}", flush=True)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows logged after the checkpoint we resume from, so metrics.jsonl reads as one run."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut by the kill
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def read_wandb_id(run_dir: Path) -> str | None:
+    try:
+        return (run_dir / layout.WANDB_ID_NAME).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def latest_name(ckpt_dir: Path) -> str:
+    return read_latest(ckpt_dir) or "none"
+
+
+def warn_about_disk(args, run_dir: Path, num_parameters: int) -> None:
+    """Compare the retention policy's estimated size with the free disk, and name the gap."""
+    if args.no_ckpt_prune:
+        kept = None
+    else:
+        kept = args.ckpt_keep_last + args.ckpt_keep_milestones
+    one = num_parameters * 4 * 3  # fp32 weights + AdamW's two moments
+    if kept is None:
+        return
+    needed = one * kept
+    free = shutil.disk_usage(run_dir).free
+    if needed > free:
+        print(
+            f"miras train: warning: keeping {kept} checkpoints of ~{one / 1e9:.2f} GB needs ~{needed / 1e9:.1f} GB, "
+            f"but {run_dir} has {free / 1e9:.1f} GB free (short by {(needed - free) / 1e9:.1f} GB); lower "
+            "--ckpt-keep-last/--ckpt-keep-milestones or use --milestone-weights-only",
+            flush=True,
+        )

@@ -1,0 +1,146 @@
+"""`--sync-to` for `miras train`: the Syncer started after a probe, uploads after each commit, remote resume.
+
+Only rank 0 uploads (see miras.storage.sync.Syncer on multi-node runs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .configuration import MonetaConfig
+from .train_checks import TrainingStopped, check_checkpoint_argument
+
+
+def is_url(text: str) -> bool:
+    return "://" in str(text)
+
+
+def storage_options(args) -> dict[str, str]:
+    from .storage import StorageError, parse_options
+
+    try:
+        return parse_options(args.storage_option)
+    except StorageError as error:
+        raise TrainingStopped(f"--storage-option: {error}") from None
+
+
+def start_syncer(args, run_dir: Path):
+    """The background uploader for --sync-to, after a probe of every destination (fail fast, one line)."""
+    if not args.sync_to:
+        return None
+    from .storage import StorageError, Syncer, drive_cap_warning, estimated_daily_bytes
+
+    keep_last = args.remote_keep_last if args.remote_keep_last is not None else args.ckpt_keep_last
+    keep_milestones = args.remote_keep_milestones
+    if keep_milestones is None:
+        keep_milestones = args.ckpt_keep_milestones
+    try:
+        syncer = Syncer(
+            args.sync_to,
+            args.run_name,
+            run_dir,
+            storage_options(args),
+            keep_last=None if args.no_ckpt_prune else keep_last,
+            keep_milestones=None if args.no_ckpt_prune else keep_milestones,
+            milestones_only=args.sync_milestones_only,
+        )
+    except StorageError as error:
+        raise TrainingStopped(f"--sync-to: {error}") from None
+    try:
+        syncer.probe()
+    except StorageError as error:
+        if not args.sync_optional:
+            syncer.close(0)
+            raise TrainingStopped(f"{error} (pass --sync-optional to train anyway)") from None
+        print(f"miras train: warning: {error}; training anyway (--sync-optional), uploads will be retried", flush=True)
+    interval = args.ckpt_milestone_every_seconds if args.sync_milestones_only else args.ckpt_every_seconds
+    one_checkpoint = checkpoint_bytes_estimate(args)
+    if interval and one_checkpoint:
+        warning = drive_cap_warning(syncer.destinations, estimated_daily_bytes(one_checkpoint, interval))
+        if warning:
+            print(f"miras train: warning: {warning}", flush=True)
+    print(f"miras train: syncing to {', '.join(syncer.destinations)} (under <url>/{args.run_name}/)", flush=True)
+    return syncer
+
+
+def checkpoint_bytes_estimate(args) -> int:
+    """fp32 weights + AdamW's two moments for the chosen size (the gpt2 vocabulary when it is unknown yet)."""
+    try:
+        from .parameters import count_parameters
+
+        config = MonetaConfig.from_size(args.model_size, vocab_size=50257)
+        return int(count_parameters(config)["total"]) * 12
+    except Exception:
+        return 0
+
+
+def pull_remote(args, run_dir: Path) -> Path | None:
+    from .storage import StorageError, pull_latest, run_url
+
+    options = storage_options(args)
+    for url in args.sync_to:
+        try:
+            found = pull_latest(run_url(url, args.run_name), run_dir, options)
+        except StorageError as error:
+            print(f"miras train: warning: could not read {run_url(url, args.run_name)}: {error}", flush=True)
+            continue
+        if found is not None:
+            print(f"miras train: pulled {found.name} from {run_url(url, args.run_name)} (verified)", flush=True)
+            return found
+    return None
+
+
+def download_explicit(url: str, ckpt_dir: Path, args) -> Path:
+    """--resume URL: the named remote checkpoint folder, downloaded and verified against its manifest."""
+    from .checkpoint.layout import parse_step
+    from .storage import StorageError, download_checkpoint
+
+    parent, _, name = url.rstrip("/").rpartition("/")
+    if parse_step(name) is None:
+        raise TrainingStopped(f"--resume {url!r}: expected a URL ending in a step_XXXXXXXX checkpoint folder")
+    try:
+        path = download_checkpoint(parent, name, ckpt_dir / name, storage_options(args))
+    except StorageError as error:
+        raise TrainingStopped(f"--resume {url!r}: {error}") from None
+    check_checkpoint_argument(str(path), "--resume")
+    return path
+
+
+def fetch_init_from(args, run_dir: Path) -> str:
+    from .storage import StorageError, download_checkpoint
+
+    parent, _, name = args.init_from.rstrip("/").rpartition("/")
+    try:
+        path = download_checkpoint(parent, name, run_dir / "init_from" / name, storage_options(args))
+    except StorageError as error:
+        raise TrainingStopped(f"--init-from {args.init_from!r}: {error}") from None
+    return str(path)
+
+
+def sync_hook(syncer, run_dir: Path):
+    def after_commit(folder: Path, step: int, milestone: bool, final: bool) -> None:
+        syncer.submit_checkpoint(folder, step, milestone, final=final)
+        for name in ("config.json", "metrics.jsonl"):
+            if (run_dir / name).exists():
+                syncer.submit_file(run_dir / name)
+
+    return after_commit
+
+
+def close_syncer(syncer, timeout: float, run_dir: Path) -> None:
+    if syncer is None:
+        return
+    for name in ("config.json", "metrics.jsonl"):
+        if (run_dir / name).exists():
+            syncer.submit_file(run_dir / name)
+    done = syncer.close(timeout)
+    status = syncer.status()
+    if done:
+        print(f"miras train: sync: all uploads done ({status['sync_uploaded']} uploaded)", flush=True)
+    else:
+        print(
+            f"miras train: warning: sync: uploads not finished within --sync-timeout {timeout:g}s "
+            f"({status['sync_queued']} queued, last error: {status['sync_last_error']}); local checkpoints are "
+            "intact and the next start with --resume auto uploads again",
+            flush=True,
+        )
