@@ -6,7 +6,7 @@
 # vast/entrypoint.sh starts it with the training command ending in `--resume auto`, so every restart
 # continues from the newest checkpoint. Before each attempt it sources $MIRAS_ENV_FILE (exported), and
 # writes the attempt's pid to $MIRAS_TRAIN_PID_FILE. It stops when the marker exists, when training
-# exits with status 2 (bad arguments: a restart cannot help), or after $MIRAS_MAX_FAST_FAILURES (5)
+# exits with status 2 (bad arguments: a restart cannot help) or 3 (the loss diverged), or after $MIRAS_MAX_FAST_FAILURES (5)
 # attempts in a row that each ended within $MIRAS_FAST_FAILURE_SECONDS (120). $MIRAS_RESTART_DELAY
 # (10) seconds between attempts. SIGTERM/SIGINT/SIGHUP are passed to training, then the loop exits.
 set -uo pipefail
@@ -67,6 +67,11 @@ while [ ! -e "$marker" ]; do
     if [ "$rc" -eq 2 ]; then
         log "training exited with status 2 (bad arguments): not restarting"
         exit 2
+    fi
+    if [ "$rc" -eq 3 ]; then
+        # miras train's exit status for a NaN/inf loss: a restart would replay the same steps.
+        log "training exited with status 3 (the loss diverged; latest still names the last good checkpoint): not restarting"
+        exit 3
     fi
     if [ "$ran" -lt "$fast_seconds" ]; then
         fast=$((fast + 1))
