@@ -184,3 +184,16 @@ def test_wandb_offline_keeps_its_files_in_the_run_folder_and_reuses_the_id(tmp_p
     assert offline_runs, "wandb's files are not inside the run folder"
     config_text = (tmp_path / "wb" / "config.json").read_text()
     assert "x" * 40 not in config_text and "x" * 40 not in result.stdout + result.stderr
+
+
+def test_the_readme_two_process_cpu_command_really_runs_two_processes(tmp_path):
+    """The README's 2-process CPU command, run as written (MIRAS_EXPECT_WORLD_SIZE makes a 1-process run fail)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    start = readme.index("ACCELERATE_USE_CPU=1 MIRAS_EXPECT_WORLD_SIZE=2 torchrun")
+    command = readme[start : readme.index("```", start)].replace("\\\n", " ").strip()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    port = command.replace("torchrun", "torchrun --master_port 29531", 1)
+    result = subprocess.run(port, shell=True, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((tmp_path / "runs" / "cpu-ddp" / "config.json").read_text())
+    assert config["world_size"] == 2 and (tmp_path / "runs" / "cpu-ddp" / "finished").exists()
