@@ -169,7 +169,7 @@ def newest_valid(run_dir):
 
 def test_killed_at_random_moments_and_inside_commits_it_always_resumes_from_the_newest_complete_checkpoint(tmp_path):
     rng = random.Random(7)
-    steps = 14
+    steps = 40  # more than 11 killed attempts can finish, so every attempt is really killed
     args = [*TINY, "--max-steps", str(steps), "--ckpt-every-steps", "1", "--output-dir", str(tmp_path),
             "--run-name", "chaos", "--resume", "auto"]  # fmt: skip
     run_dir = tmp_path / "chaos"
@@ -200,11 +200,11 @@ def test_killed_at_random_moments_and_inside_commits_it_always_resumes_from_the_
             kill_tree(process.pid)
         if process.returncode != 0:
             kills += 1
-        if expected and "resuming from" in output:
+        if expected:  # every attempt gets as far as choosing its checkpoint before it is killed
             assert f"resuming from {expected}" in output, output[-2000:]
         if (run_dir / "finished").exists():
             break
-    assert kills >= 10 or (run_dir / "finished").exists()
+    assert kills >= 10
     if not (run_dir / "finished").exists():
         final = run(args, 2)
         assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
