@@ -77,6 +77,7 @@ from .train_checks import (
     truncate_metrics,
     warn_about_disk,
 )
+from .train_nodes import detect_topology, leaders_gather, on_every_node, setup_nodes, start_node_local
 from .train_sync import close_syncer, download_explicit, fetch_init_from, is_url, pull_remote, start_syncer, sync_hook
 
 NO_DECAY_NAMES = (
@@ -275,12 +276,20 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     writes = not args.dry_run
     run_dir = Path(args.output_dir) / args.run_name
     ckpt_dir = checkpoints_dir(run_dir)
+    # Several nodes: is the run folder shared? If not (node-local mode), each node's leader (its local rank 0)
+    # commits, uploads and downloads its own node's folder (miras/train_nodes.py).
+    topology = detect_topology(accelerator)
+    setup_nodes(args, run_dir, topology, writes)
+    node_local = topology.node_local
 
-    # One writer per run; then the checkpoint to continue from, decided on rank 0.
+    # One writer per run; then the checkpoint to continue from, decided on rank 0 (on every node's leader
+    # in node-local mode).
     lock = RunLock(run_dir)
     decision = {"error": None, "resume": None, "finished": False}
     syncer = None
-    if main_process and writes:
+    if node_local:
+        decision, syncer = start_node_local(args, run_dir, topology, lock)
+    elif main_process and writes:
         if args.resume == "auto" and (run_dir / layout.FINISHED_NAME).exists():
             decision["finished"] = True
         else:
@@ -304,8 +313,9 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
                     )
             except (RunLockedError, TrainingStopped) as error:
                 decision["error"] = str(error)
-    decision = broadcast(accelerator, decision)
-    if decision["error"] and main_process:
+    if not node_local:
+        decision = broadcast(accelerator, decision)
+    if decision["error"] or decision["finished"]:
         lock.release()
         if syncer is not None:
             syncer.close(0)
@@ -316,7 +326,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     if decision["error"]:
         raise TrainingStopped(decision["error"])
     resume_dir = Path(decision["resume"]) if decision["resume"] else None
-    if syncer is not None and resume_dir is not None:
+    if syncer is not None and resume_dir is not None and not node_local:
         from .checkpoint.catalog import describe
 
         info = describe(resume_dir)  # the remote catches up if this one never made it there
@@ -325,7 +335,9 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     if trainer_state is not None:
         check_resume_compatible(args, resume_dir, trainer_state, model_config, world_size)
 
-    if args.init_from and is_url(args.init_from):
+    if args.init_from and is_url(args.init_from) and node_local:
+        args.init_from = on_every_node(topology, lambda: fetch_init_from(args, run_dir))
+    elif args.init_from and is_url(args.init_from):
         args.init_from = broadcast(accelerator, fetch_init_from(args, run_dir) if main_process else None)
     weights_from = resume_dir or (Path(args.init_from) if args.init_from else None)
     if weights_from is not None:
@@ -426,10 +438,13 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
         keep_milestones=args.ckpt_keep_milestones,
         prune_enabled=not args.no_ckpt_prune,
         weights_only_milestones=args.milestone_weights_only,
-        weights_bf16=args.milestone_weights_bf16,
+        weights_bf16=args.milestone_weights_bf16 and topology.node == 0,  # other nodes hold no weights
         log=lambda m: print(f"miras train: {m}", flush=True),
         on_commit=sync_hook(syncer, run_dir) if syncer is not None else None,
+        gather=leaders_gather(topology) if node_local else None,
+        node=topology.node,
     )
+    commits_here = main_process or (node_local and topology.leader)  # this rank commits its node's folder
     pending_optimizer = []  # this rank's optimizer shard write in flight
 
     def wait_for_checkpoint() -> None:
@@ -441,7 +456,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     def checkpoint(milestone: bool, final: bool) -> None:
         wait_for_checkpoint()  # the next checkpoint waits for the previous one to commit
         tmp = committer.tmp_dir(step)
-        if main_process:
+        if commits_here:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / layout.TRAINER_DIR).mkdir(parents=True)
         accelerator.wait_for_everyone()
@@ -454,6 +469,9 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
         pending_optimizer.append(save_optimizer(bare_model, bare_optimizer, tmp))
         schedule.record(training_time, milestone)
         if not main_process:
+            if commits_here:  # node-local mode: this node's files; node 0's leader (rank 0) adds the rest
+                committer.submit(step, milestone, lambda folder: None, wait_for=list(pending_optimizer), final=final)
+                pending_optimizer.clear()
             return
         state = {
             "step": step,
@@ -528,7 +546,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
             if accelerator.mixed_precision != "fp16":
                 logger.close()
                 wait_for_checkpoint()
-                close_syncer(syncer, args.sync_timeout, run_dir)
+                close_syncer(syncer, args.sync_timeout, run_dir, node_local)
                 raise TrainingStopped(
                     f"the loss ({float(step_loss)}) or gradient norm ({grad_norm}) is not finite at step {step + 1}; "
                     f"stopping without a checkpoint (latest good one: {latest_name(ckpt_dir)})",
@@ -589,7 +607,7 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
 
     wait_for_checkpoint()
     logger.close()
-    close_syncer(syncer, args.sync_timeout, run_dir)
+    close_syncer(syncer, args.sync_timeout, run_dir, node_local)
     accelerator.wait_for_everyone()
     if committer.last_error is not None and (finished or stopped_by):
         raise TrainingStopped(f"the final checkpoint failed: {committer.last_error}", EXIT_FAILED)

@@ -1,6 +1,7 @@
 """`--sync-to` for `miras train`: the Syncer started after a probe, uploads after each commit, remote resume.
 
-Only rank 0 uploads (see miras.storage.sync.Syncer on multi-node runs).
+Global rank 0 uploads, except on multi-node runs with node-local disks, where each node's local rank 0 runs
+a Syncer for its node's files (miras.train_nodes, miras.storage.sync).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ def storage_options(args) -> dict[str, str]:
         raise TrainingStopped(f"--storage-option: {error}") from None
 
 
-def start_syncer(args, run_dir: Path):
-    """The background uploader for --sync-to, after a probe of every destination (fail fast, one line)."""
+def start_syncer(args, run_dir: Path, node: int | None = None):
+    """The background uploader for --sync-to, after a probe of every destination (fail fast, one line).
+    `node`: this node's index on a multi-node run with node-local disks (uploads retry forever there: a
+    checkpoint is complete only once every node's files are up)."""
     if not args.sync_to:
         return None
     from .storage import StorageError, Syncer, drive_cap_warning, estimated_daily_bytes
@@ -43,6 +46,8 @@ def start_syncer(args, run_dir: Path):
             keep_last=None if args.no_ckpt_prune else keep_last,
             keep_milestones=None if args.no_ckpt_prune else keep_milestones,
             milestones_only=args.sync_milestones_only,
+            node=node,
+            max_retries=None if node is not None else 10,
         )
     except StorageError as error:
         raise TrainingStopped(f"--sync-to: {error}") from None
@@ -90,7 +95,52 @@ def pull_remote(args, run_dir: Path) -> Path | None:
     return None
 
 
-def download_explicit(url: str, ckpt_dir: Path, args) -> Path:
+def remote_candidates(args) -> list[tuple[str, str]]:
+    """Complete remote checkpoints of this run as (destination URL, step folder name), in the order
+    `pull_latest` tries them: per destination, the one remote `latest` names, then the others newest first."""
+    from .storage import find_remote_checkpoints, open_backend, read_remote_latest, run_url
+    from .storage.base import one_line, redact
+
+    options = storage_options(args)
+    found = []
+    for url in args.sync_to:
+        try:
+            backend = open_backend(run_url(url, args.run_name), options)
+            names = [key.rsplit("/", 1)[1] for _step, key in reversed(find_remote_checkpoints(backend))]
+            latest = read_remote_latest(backend)
+        except Exception as error:
+            reason = redact(one_line(error), options)
+            print(f"miras train: warning: could not read {run_url(url, args.run_name)}: {reason}", flush=True)
+            continue
+        if latest in names:
+            names.remove(latest)
+            names.insert(0, latest)
+        found += [(url, name) for name in names]
+    return found
+
+
+def fetch_remote_checkpoint(args, run_dir: Path, url: str, name: str, run_files: bool) -> Path:
+    """One remote checkpoint into this node's run folder, verified (files already here with the right sha256
+    are kept), `latest` pointed at it; with `run_files`, metrics.jsonl too when it is missing here."""
+    from .checkpoint.files import checkpoints_dir, write_latest
+    from .checkpoint.layout import CHECKPOINTS_DIR
+    from .storage import download_checkpoint, open_backend, run_url
+    from .storage.remote import RUN_FILES
+
+    backend = open_backend(run_url(url, args.run_name), storage_options(args))
+    ckpt_dir = checkpoints_dir(run_dir)
+    path = download_checkpoint(backend, f"{CHECKPOINTS_DIR}/{name}", ckpt_dir / name, reuse_local=True)
+    write_latest(ckpt_dir, name)
+    for run_file in RUN_FILES if run_files else ():
+        if not (run_dir / run_file).exists():
+            try:
+                backend.get(run_file, run_dir / run_file)
+            except FileNotFoundError:
+                pass
+    return path
+
+
+def download_explicit(url: str, ckpt_dir: Path, args, reuse_local: bool = False) -> Path:
     """--resume URL: the named remote checkpoint folder, downloaded and verified against its manifest."""
     from .checkpoint.layout import parse_step
     from .storage import StorageError, download_checkpoint
@@ -99,7 +149,7 @@ def download_explicit(url: str, ckpt_dir: Path, args) -> Path:
     if parse_step(name) is None:
         raise TrainingStopped(f"--resume {url!r}: expected a URL ending in a step_XXXXXXXX checkpoint folder")
     try:
-        path = download_checkpoint(parent, name, ckpt_dir / name, storage_options(args))
+        path = download_checkpoint(parent, name, ckpt_dir / name, storage_options(args), reuse_local=reuse_local)
     except StorageError as error:
         raise TrainingStopped(f"--resume {url!r}: {error}") from None
     check_checkpoint_argument(str(path), "--resume")
@@ -127,7 +177,7 @@ def sync_hook(syncer, run_dir: Path):
     return after_commit
 
 
-def close_syncer(syncer, timeout: float, run_dir: Path) -> None:
+def close_syncer(syncer, timeout: float, run_dir: Path, node_local: bool = False) -> None:
     if syncer is None:
         return
     for name in ("config.json", "metrics.jsonl"):
@@ -137,6 +187,14 @@ def close_syncer(syncer, timeout: float, run_dir: Path) -> None:
     status = syncer.status()
     if done:
         print(f"miras train: sync: all uploads done ({status['sync_uploaded']} uploaded)", flush=True)
+    elif node_local:
+        print(
+            f"miras train: warning: sync: this node's uploads not finished within --sync-timeout {timeout:g}s "
+            f"({status['sync_queued']} queued, last error: {status['sync_last_error']}); with node-local disks a "
+            "checkpoint is complete only remotely: the next start with --resume auto continues from the newest "
+            "complete remote checkpoint",
+            flush=True,
+        )
     else:
         print(
             f"miras train: warning: sync: uploads not finished within --sync-timeout {timeout:g}s "

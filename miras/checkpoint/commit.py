@@ -3,6 +3,10 @@
 The training loop hands over state that is already a CPU copy and goes on; one commit runs at a time
 (the next checkpoint waits for the previous one). Points of the protocol carry fault hooks so tests
 can kill the process exactly there.
+
+Multi-node with node-local disks: every node's committer commits its own node's folder. `gather` exchanges
+each node's file list (or its failure) between the nodes, so each writes the same manifest listing every
+file of every node (under "nodes", which node holds which); if any node failed, no node commits.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 from .faults import fault_point
 from .files import fsync_path, fsync_tree, write_latest
 from .layout import TMP_SUFFIX, checkpoint_name
-from .manifest import build_manifest, write_manifest
+from .manifest import NODES_KEY, build_manifest, file_entries, now_utc, write_manifest
 from .retention import prune, recover_interrupted_swap
 
 
@@ -34,11 +38,14 @@ class CheckpointCommitter:
         log: Callable[[str], None] = print,
         weights_bf16: bool = False,
         on_commit: Callable[[Path, int, bool, bool], None] | None = None,
+        gather: Callable[[dict[str, Any]], list[dict[str, Any]]] | None = None,
+        node: int = 0,
     ):
         self.folder = Path(folder)
         self.keep_last, self.keep_milestones = keep_last, keep_milestones
         self.prune_enabled, self.weights_only_milestones = prune_enabled, weights_only_milestones
         self.log, self.on_commit, self.weights_bf16 = log, on_commit, weights_bf16
+        self.gather, self.node = gather, node  # node-local multi-node commits (see the module docstring)
         self._thread: threading.Thread | None = None
         self.last_error: BaseException | None = None
         self.last_committed: Path | None = None
@@ -77,12 +84,11 @@ class CheckpointCommitter:
         started = time.perf_counter()
         tmp, final_dir = self.tmp_dir(step), self.folder / checkpoint_name(step)
         try:
-            write(tmp)
-            fault_point("files_written")
-            for future in wait_for:
-                future.result()
-            fsync_tree(tmp)
-            manifest = build_manifest(tmp, step, milestone, manifest_extra)
+            if self.gather is None:
+                self._write_files(tmp, write, wait_for)
+                manifest = build_manifest(tmp, step, milestone, manifest_extra)
+            else:
+                manifest = self._gathered_manifest(tmp, step, milestone, write, wait_for, manifest_extra)
             fault_point("before_manifest")
             write_manifest(tmp, manifest)
             fault_point("before_rename")
@@ -113,6 +119,37 @@ class CheckpointCommitter:
                 self.on_commit(final_dir, step, milestone, final)
             except Exception as error:  # a sync hand-off must never break the commit
                 self.log(f"warning: after-commit hook failed for {final_dir.name}: {error}")
+
+    @staticmethod
+    def _write_files(tmp: Path, write: Callable[[Path], None], wait_for: list[Future]) -> None:
+        write(tmp)
+        fault_point("files_written")
+        for future in wait_for:
+            future.result()
+        fsync_tree(tmp)
+
+    def _gathered_manifest(self, tmp, step, milestone, write, wait_for, manifest_extra) -> dict[str, Any]:
+        mine: dict[str, Any] = {"node": self.node, "files": None, "error": None}
+        try:
+            self._write_files(tmp, write, wait_for)
+            mine["files"] = file_entries(tmp)
+        except Exception as error:
+            mine["error"] = f"{type(error).__name__}: {error}"
+        if self.node == 0:
+            mine.update(extra=manifest_extra, created=now_utc())
+        parts = {int(part["node"]): part for part in self.gather(mine)}  # collective: every node, failed or not
+        failed = [f"node {node}: {parts[node]['error']}" for node in sorted(parts) if parts[node]["error"]]
+        if failed:
+            raise RuntimeError("; ".join(failed))
+        files: dict[str, Any] = {}
+        for node in sorted(parts):
+            for name, entry in parts[node]["files"].items():
+                if name in files:
+                    raise RuntimeError(f"{name} was written on two nodes (one is node {node})")
+                files[name] = entry
+        nodes = {str(node): sorted(parts[node]["files"]) for node in sorted(parts)}
+        extra = {**(parts[0].get("extra") or {}), NODES_KEY: nodes}
+        return build_manifest(None, step, milestone, extra, files=files, created=parts[0]["created"])
 
 
 def remove_stale_tmp(folder: Path) -> None:

@@ -16,6 +16,9 @@ from typing import Any
 from .layout import MANIFEST_NAME
 
 FORMAT_VERSION = 1
+# Multi-node runs with node-local disks: node index (a string) -> the files that node wrote. A node's local
+# folder holds only its own files, so it never verifies; the remote copy holds them all.
+NODES_KEY = "nodes"
 _HASH_BLOCK = 8 << 20
 
 
@@ -35,19 +38,34 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_NAME)
 
 
-def build_manifest(folder: Path, step: int, milestone: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Describe every file under `folder` (except the manifest itself): relative POSIX path -> size, sha256."""
+def file_entries(folder: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `folder` (except the manifest itself): relative POSIX path -> size, sha256."""
     folder = Path(folder)
-    files = {
+    return {
         p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(folder)
     }
+
+
+def now_utc() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def build_manifest(
+    folder: Path | None,
+    step: int,
+    milestone: bool,
+    extra: dict[str, Any] | None = None,
+    files: dict[str, dict[str, Any]] | None = None,
+    created: str | None = None,
+) -> dict[str, Any]:
+    """The manifest of `folder`'s files, or of `files` (entries gathered from several nodes)."""
     return {
         "format": FORMAT_VERSION,
         "step": int(step),
         "milestone": bool(milestone),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": created or now_utc(),
         **(extra or {}),
-        "files": files,
+        "files": file_entries(folder) if files is None else files,
     }
 
 
@@ -84,14 +102,23 @@ def verify_folder(folder: Path, check_hashes: bool = True) -> list[str]:
     except ManifestError as error:
         return [str(error)]
     problems = []
+    missing = 0
     for name, entry in sorted(manifest["files"].items()):
         path = folder / name
         if not path.is_file():
             problems.append(f"{name}: missing")
+            missing += 1
             continue
         size = path.stat().st_size
         if size != entry["size"]:
             problems.append(f"{name}: size {size}, manifest says {entry['size']}")
         elif check_hashes and sha256_file(path) != entry["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest")
+    nodes = manifest.get(NODES_KEY)
+    if missing and isinstance(nodes, dict) and len(nodes) > 1:
+        problems.insert(
+            0,
+            f"one node's part of a checkpoint written on {len(nodes)} nodes with node-local disks ({missing} "
+            "file(s) are on other nodes); the complete checkpoint is the --sync-to copy",
+        )
     return problems

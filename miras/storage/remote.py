@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..checkpoint.layout import CHECKPOINTS_DIR, LATEST_NAME, MANIFEST_NAME, parse_step
-from ..checkpoint.manifest import ManifestError, read_manifest, verify_folder
+from ..checkpoint.manifest import ManifestError, read_manifest, sha256_file, verify_folder
 from .base import StorageBackend, StorageError, clean_key, join_key, one_line
 from .registry import open_backend
 
@@ -66,10 +66,13 @@ def download_checkpoint(
     remote_folder_key: str,
     local_dest: Path,
     options: dict[str, str] | None = None,
+    reuse_local: bool = False,
 ) -> Path:
     """Download one remote checkpoint folder into `<local_dest>.tmp`, verify it against its manifest, then
     rename it to `local_dest` (replacing what was there). StorageError (one line) if it is incomplete or
-    does not match its manifest; nothing is left behind then."""
+    does not match its manifest; nothing is left behind then. With `reuse_local`, a file already in
+    `local_dest` with the manifest's size and sha256 (e.g. a node's own part of a multi-node checkpoint) is
+    linked or copied instead of downloaded."""
     backend = _backend(backend_or_url, options)
     folder = clean_key(remote_folder_key)
     where = f"{backend.url.rstrip('/')}/{folder}".rstrip("/")
@@ -86,6 +89,8 @@ def download_checkpoint(
         except ManifestError as error:
             raise StorageError(f"{where}: {error}") from None
         for name in sorted(manifest["files"]):
+            if reuse_local and _reuse(local_dest / name, tmp / name, manifest["files"][name]):
+                continue
             try:
                 backend.get(join_key(folder, name), tmp / name)
             except FileNotFoundError:
@@ -101,6 +106,20 @@ def download_checkpoint(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return local_dest
+
+
+def _reuse(have: Path, target: Path, entry: dict) -> bool:
+    try:
+        if not have.is_file() or have.stat().st_size != entry["size"] or sha256_file(have) != entry["sha256"]:
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(have, target)
+        except OSError:
+            shutil.copy2(have, target)
+        return True
+    except (OSError, KeyError, TypeError):
+        return False
 
 
 def _write_latest(checkpoints_dir: Path, name: str) -> None:

@@ -4,6 +4,19 @@ Each destination URL gets its own worker thread and queue (a slow Drive link nev
 the run lands under `URL/<run_name>/`, mirroring the local run folder. For each committed checkpoint the
 worker uploads every file the manifest lists, then `manifest.json`, then the remote `checkpoints/latest`: a
 reader that finds a manifest finds all its files, and `latest` never names a folder still uploading.
+
+Multi-node runs with node-local disks run one Syncer per node (`node=k`). Each uploads only the files its
+node wrote (the manifest's "nodes" entry says which), then a confirmation object
+`checkpoints/step_X/nodes/node_0000k.json` listing them with their size and sha256. Node 0 publishes: it
+uploads its own files, waits until every other node's confirmation is there and lists exactly the manifest's
+entries for that node, and only then uploads `manifest.json` and `latest`.
+
+Why a confirmation object rather than listing the folder: every backend's `put` is atomic, so a listed key
+is a complete object, but `list` returns names, not sizes or hashes, and an earlier attempt at the same
+step (a run that died before publishing it) can have left objects of other content under the same names.
+A node puts its confirmation only after all its files went up in this attempt, and its content (sizes and
+sha256s) must equal this attempt's manifest; a stale confirmation of other content never matches. If
+the contents are equal, so are the files it vouches for.
 """
 
 from __future__ import annotations
@@ -21,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..checkpoint.layout import CHECKPOINTS_DIR, LATEST_NAME, MANIFEST_NAME, checkpoint_name, parse_step
-from ..checkpoint.manifest import ManifestError, read_manifest
+from ..checkpoint.manifest import NODES_KEY, ManifestError, read_manifest
 from .base import StorageBackend, StorageError, clean_key, join_key, one_line, redact
 from .registry import open_backend
 from .remote import run_url
@@ -29,8 +42,19 @@ from .remote import run_url
 log = logging.getLogger(__name__)
 
 
+NODES_DIR = "nodes"  # inside a remote checkpoint folder: one confirmation object per node (multi-node)
+
+
+def node_marker_name(node: int) -> str:
+    return f"node_{int(node):05d}.json"
+
+
 class _Permanent(Exception):
     """A job that no retry can fix (its local files are gone)."""
+
+
+class _Superseded(Exception):
+    """Node 0 gave up waiting for the other nodes on a checkpoint a newer one replaces."""
 
 
 @dataclass
@@ -80,9 +104,11 @@ class Syncer:
     `keep_last` checkpoints plus the last `keep_milestones` milestones (None: keep all), never the one remote
     `latest` names; a failed delete is logged, not fatal.
 
-    Multi-node: in the current design only global rank 0 constructs a Syncer (after every rank's files are in
-    the local checkpoint folder it uploads). A future per-node uploader would need rank 0 to upload the
-    manifest and `latest` only after every node confirmed its files.
+    Multi-node: with a run folder every node shares, only global rank 0 constructs a Syncer (every rank's
+    files are in the folder it uploads). With node-local disks each node constructs one with `node` set (see
+    the module docstring): node k > 0 uploads its files and its confirmation; node 0 also waits for every
+    confirmation (polling, `poll` seconds doubling up to `max_poll`) before the manifest and `latest`, and
+    alone prunes the remote. `max_retries=None` retries failed uploads forever (with back-off).
     """
 
     def __init__(
@@ -94,9 +120,12 @@ class Syncer:
         keep_last: int | None = 12,
         keep_milestones: int | None = 24,
         milestones_only: bool = False,
-        max_retries: int = 10,
+        max_retries: int | None = 10,
         backoff: float = 2.0,
         max_backoff: float = 300.0,
+        node: int | None = None,
+        poll: float = 0.2,
+        max_poll: float = 10.0,
     ):
         if not destinations:
             raise StorageError("Syncer needs at least one destination URL")
@@ -108,6 +137,7 @@ class Syncer:
         self.keep_last, self.keep_milestones = keep_last, keep_milestones
         self.milestones_only = milestones_only
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
+        self.node, self.poll, self.max_poll = node, poll, max_poll
         self._lock = threading.Condition()
         self._closing = False
         self._abort = threading.Event()
@@ -239,6 +269,12 @@ class Syncer:
                     dest.busy = None
                     if dest.queue and dest.queue[0] is job:
                         dest.queue.popleft()
+            except _Superseded:
+                with self._lock:
+                    dest.superseded += 1
+                    dest.busy = None
+                    if job in dest.queue:
+                        dest.queue.remove(job)
             except Exception as error:
                 self._failed(dest, job, error)
 
@@ -246,7 +282,7 @@ class Syncer:
         job.attempts += 1
         what = f"step {job.step}" if isinstance(job, _CheckpointJob) else job.path.name
         message = redact(f"{dest.url}: {what}: {one_line(error)}", self.options)
-        give_up = isinstance(error, _Permanent) or job.attempts > self.max_retries
+        give_up = isinstance(error, _Permanent) or (self.max_retries is not None and job.attempts > self.max_retries)
         with self._lock:
             dest.failed += 1
             dest.busy = None
@@ -295,8 +331,10 @@ class Syncer:
             manifest = read_manifest(job.folder)
         except ManifestError as error:
             raise _Permanent(f"local checkpoint unusable: {error}") from None
+        nodes = manifest.get(NODES_KEY) if self.node is not None else None
+        mine = sorted(manifest["files"]) if not nodes else sorted(nodes.get(str(self.node), []))
         sent = 0
-        for rel in sorted(manifest["files"]):  # files first ...
+        for rel in mine:  # files first ...
             if rel in job.done:
                 continue
             if self._abort.is_set():
@@ -307,6 +345,17 @@ class Syncer:
             dest.backend.put(local, join_key(prefix, rel))
             job.done.add(rel)
             sent += local.stat().st_size
+        if nodes and self.node != 0:  # ... this node's confirmation; node 0 publishes
+            entries = {rel: manifest["files"][rel] for rel in mine}
+            marker = self._scratch / f"marker-{uuid.uuid4().hex}.json"
+            marker.write_text(json.dumps({"node": self.node, "step": job.step, "files": entries}, sort_keys=True))
+            try:
+                dest.backend.put(marker, join_key(prefix, NODES_DIR, node_marker_name(self.node)))
+            finally:
+                marker.unlink(missing_ok=True)
+            return sent
+        if nodes:
+            self._await_nodes(dest, job, prefix, manifest, nodes)
         dest.backend.put(job.folder / MANIFEST_NAME, join_key(prefix, MANIFEST_NAME))  # ... then the manifest ...
         sent += (job.folder / MANIFEST_NAME).stat().st_size
         dest.milestones[job.step] = job.milestone
@@ -323,6 +372,45 @@ class Syncer:
         except Exception as error:  # retention is housekeeping: never fail the upload for it
             log.warning("sync %s: remote retention failed: %s", dest.url, redact(one_line(error), self.options))
         return sent
+
+    def _await_nodes(self, dest: _Destination, job: _CheckpointJob, prefix: str, manifest: dict, nodes: dict) -> None:
+        """Node 0: return once every other node's confirmation for this checkpoint is up and matches the
+        manifest; _Superseded when a newer checkpoint is queued behind a supersedable one meanwhile."""
+        wanted = {
+            int(node): {rel: manifest["files"][rel] for rel in files} for node, files in nodes.items() if int(node)
+        }
+        confirmed: set[int] = set()
+        delay, told = self.poll, False
+        while True:
+            listed = set(dest.backend.list(join_key(prefix, NODES_DIR)))
+            for node, entries in wanted.items():
+                key = join_key(prefix, NODES_DIR, node_marker_name(node))
+                if node not in confirmed and key in listed and self._marker_files(dest, key) == entries:
+                    confirmed.add(node)
+            if confirmed == set(wanted):
+                return
+            if self._abort.is_set():
+                raise StorageError(f"sync aborted at close, waiting for node(s) {sorted(set(wanted) - confirmed)}")
+            with self._lock:
+                newer = any(isinstance(j, _CheckpointJob) and j.step > job.step for j in dest.queue)
+            if newer and job.supersedable:
+                log.info("sync %s: step %d superseded while waiting for the other nodes", dest.url, job.step)
+                raise _Superseded()
+            if not told:
+                log.info("sync %s: step %d waits for node(s) %s", dest.url, job.step, sorted(set(wanted) - confirmed))
+                told = True
+            self._abort.wait(delay)
+            delay = min(delay * 2, self.max_poll)
+
+    def _marker_files(self, dest: _Destination, key: str) -> dict | None:
+        local = self._scratch / f"marker-{uuid.uuid4().hex}.json"
+        try:
+            dest.backend.get(key, local)
+            return json.loads(local.read_text()).get("files")
+        except (FileNotFoundError, ValueError, AttributeError):
+            return None
+        finally:
+            local.unlink(missing_ok=True)
 
     # -- retention
     def _milestone(self, dest: _Destination, name: str) -> bool:

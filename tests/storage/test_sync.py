@@ -268,3 +268,64 @@ def test_drive_cap_warning(monkeypatch):
     assert drive_cap_warning(["gdrive://abc/runs"], 1e11) is None
     assert "750 GB/day" in drive_cap_warning(["gdrive://abc/runs"], 1e12)
     assert "rclone://mydrive/x" in drive_cap_warning(["rclone://mydrive/x", "gs://b"], 1e12)
+
+
+def node_parts(run_dirs, step):
+    """One checkpoint written on two nodes with their own disks: each folder holds its node's files and the
+    manifest of all of them (as the node-local commit writes it)."""
+    from miras.checkpoint.manifest import file_entries
+
+    folders = []
+    for node, run in enumerate(run_dirs):
+        folder = run / "checkpoints" / checkpoint_name(step)
+        (folder / "trainer").mkdir(parents=True)
+        (folder / "trainer" / f"rank_0000{node}.pt").write_bytes(os.urandom(200 + node))
+        if node == 0:
+            (folder / "model.safetensors").write_bytes(os.urandom(3000))
+        folders.append(folder)
+    entries = [file_entries(folder) for folder in folders]
+    nodes = {str(node): sorted(part) for node, part in enumerate(entries)}
+    manifest = build_manifest(None, step, False, {"nodes": nodes}, files={**entries[0], **entries[1]})
+    for folder in folders:
+        write_manifest(folder, manifest)
+    return folders
+
+
+def test_node_local_uploads_publish_only_after_every_node_confirmed_its_own_files(tmp_path):
+    remote = tmp_path / "remote"
+    runs = [tmp_path / "node0" / "r1", tmp_path / "node1" / "r1"]
+    folders = node_parts(runs, 2)
+    # An earlier attempt at step 2 left node 1's confirmation of other content: it must not count.
+    stale = remote / "r1" / "checkpoints" / "step_00000002" / "nodes" / "node_00001.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"files": {"trainer/rank_00001.pt": {"size": 201, "sha256": "0" * 64}}}))
+    poll = {"poll": 0.01, "max_poll": 0.05, **FAST}
+    node0 = Syncer([str(remote)], "r1", runs[0], node=0, **poll)
+    node0.submit_checkpoint(folders[0], 2, False)
+    time.sleep(0.5)
+    assert (remote / "r1" / "checkpoints" / "step_00000002" / "model.safetensors").exists()
+    assert remote_steps(str(remote / "r1")) == [] and node0.status()["sync_queued"] == 1  # waiting for node 1
+
+    node1 = Syncer([str(remote)], "r1", runs[1], node=1, **poll)
+    node1.submit_checkpoint(folders[1], 2, False)
+    assert node1.close(timeout=20) and node0.close(timeout=20)
+    assert remote_steps(str(remote / "r1")) == [2]
+    assert read_remote_latest(open_backend(str(remote / "r1"))) == "step_00000002"
+    assert verify_folder(remote / "r1" / "checkpoints" / "step_00000002") == []
+    assert json.loads(stale.read_text())["files"]["trainer/rank_00001.pt"]["size"] == 201
+
+
+def test_node_0_stops_waiting_for_a_checkpoint_a_newer_one_supersedes(tmp_path):
+    remote = tmp_path / "remote"
+    runs = [tmp_path / "node0" / "r1", tmp_path / "node1" / "r1"]
+    old, new = node_parts(runs, 2), node_parts(runs, 4)
+    poll = {"poll": 0.01, "max_poll": 0.05, **FAST}
+    node0 = Syncer([str(remote)], "r1", runs[0], node=0, **poll)
+    node0.submit_checkpoint(old[0], 2, False)
+    time.sleep(0.3)
+    node0.submit_checkpoint(new[0], 4, False)
+    node1 = Syncer([str(remote)], "r1", runs[1], node=1, **poll)
+    node1.submit_checkpoint(new[1], 4, False)  # node 1 skipped step 2 (superseded before it started)
+    assert node1.close(timeout=20) and node0.close(timeout=20)
+    assert remote_steps(str(remote / "r1")) == [4]
+    assert node0._destinations[0].superseded == 1
