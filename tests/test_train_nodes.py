@@ -102,3 +102,15 @@ def test_node_local_disks_without_sync_to_are_refused_in_one_line_and_nothing_is
         assert re.search(r"exitcode\s*:\s*2 ", result.stderr) and result.returncode != 0
     assert not (nodes[0] / "runs").exists()  # the probe's folder is gone again
     assert files_under(nodes[1] / "runs") == ["r/notes.txt"]
+
+
+def test_a_run_folder_every_node_shares_keeps_one_committer_and_needs_no_sync_to(tmp_path):
+    nodes, shared = [tmp_path / "node0", tmp_path / "node1"], tmp_path / "shared"
+    results = launch_nodes([*TINY, "--max-steps", "1", "--output-dir", str(shared), "--run-name", "r"], nodes)
+    for result in results:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "2 nodes; run folder" in results[0].stdout and "shared by every node" in results[0].stdout
+    folder = shared / "r" / "checkpoints" / "step_00000001"
+    assert verify_folder(folder) == [] and "nodes" not in json.loads((folder / "manifest.json").read_text())
+    assert {"trainer/rank_00000.pt", "trainer/rank_00001.pt"} <= set(files_under(folder))
+    assert not list((shared / "r").glob(".miras-shared-probe-*"))
