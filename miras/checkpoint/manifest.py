@@ -19,6 +19,10 @@ FORMAT_VERSION = 1
 # Multi-node runs with node-local disks: node index (a string) -> the files that node wrote. A node's local
 # folder holds only its own files, so it never verifies; the remote copy holds them all.
 NODES_KEY = "nodes"
+_NODE_PART = (
+    ": this folder is one node's part of a checkpoint saved on node-local disks; the complete checkpoint is the "
+    "--sync-to copy"
+)
 _HASH_BLOCK = 8 << 20
 
 
@@ -102,23 +106,21 @@ def verify_folder(folder: Path, check_hashes: bool = True) -> list[str]:
     except ManifestError as error:
         return [str(error)]
     problems = []
-    missing = 0
+    nodes = manifest.get(NODES_KEY) if isinstance(manifest.get(NODES_KEY), dict) else {}
+    where = {name: node for node, names in nodes.items() if isinstance(names, list) for name in names}
+    explained = False
     for name, entry in sorted(manifest["files"].items()):
         path = folder / name
         if not path.is_file():
-            problems.append(f"{name}: missing")
-            missing += 1
+            if name in where and len(nodes) > 1:  # a node's part of a multi-node checkpoint (node-local disks)
+                problems.append(f"{name}: missing (on node {where[name]}{'' if explained else _NODE_PART})")
+                explained = True
+            else:
+                problems.append(f"{name}: missing")
             continue
         size = path.stat().st_size
         if size != entry["size"]:
             problems.append(f"{name}: size {size}, manifest says {entry['size']}")
         elif check_hashes and sha256_file(path) != entry["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest")
-    nodes = manifest.get(NODES_KEY)
-    if missing and isinstance(nodes, dict) and len(nodes) > 1:
-        problems.insert(
-            0,
-            f"one node's part of a checkpoint written on {len(nodes)} nodes with node-local disks ({missing} "
-            "file(s) are on other nodes); the complete checkpoint is the --sync-to copy",
-        )
     return problems
