@@ -306,9 +306,11 @@ def test_node_local_uploads_publish_only_after_every_node_confirmed_its_own_file
     assert (remote / "r1" / "checkpoints" / "step_00000002" / "model.safetensors").exists()
     assert remote_steps(str(remote / "r1")) == [] and node0.status()["sync_queued"] == 1  # waiting for node 1
 
-    node1 = Syncer([str(remote)], "r1", runs[1], node=1, **poll)
+    # Node 1's destination fails more puts than FAST's 3 retries: a node keeps retrying (max_retries=None).
+    node1 = Syncer([f"testfs://{remote}"], "r1", runs[1], {"fail_puts": "5"}, node=1, **{**poll, "max_retries": None})
     node1.submit_checkpoint(folders[1], 2, False)
     assert node1.close(timeout=20) and node0.close(timeout=20)
+    assert node1.status()["sync_failed"] == 5 and node1.status()["sync_gave_up"] == 0
     assert remote_steps(str(remote / "r1")) == [2]
     assert read_remote_latest(open_backend(str(remote / "r1"))) == "step_00000002"
     assert verify_folder(remote / "r1" / "checkpoints" / "step_00000002") == []
