@@ -142,19 +142,23 @@ def leaders_gather(topology: Topology):
     return gather
 
 
-def _on_node(topology: Topology, error: Exception) -> str:
+def _on_node(topology: Topology, error: Exception | str) -> str:
     return f"node {topology.node}: {error}" if topology.node else str(error)
 
 
 def on_every_node(topology: Topology, work) -> Any:
     """`work()` on each node's leader (collective); the first node's TrainingStopped is raised on every rank,
     else node 0's result is returned on every rank."""
+    from .storage.base import one_line
+
     result, error = None, None
     if topology.leader:
         try:
             result = work()
         except TrainingStopped as err:
             error = _on_node(topology, err)
+        except Exception as err:  # the other nodes must hear of it, or they would wait in the gather below
+            error = _on_node(topology, one_line(err))
     results = gather_object((result, error))
     errors = [error for _, error in results if error]
     if errors:
@@ -179,7 +183,7 @@ def start_node_local(args, run_dir: Path, topology: Topology, lock: RunLock):
                 remove_stale_tmp(ckpt_dir)
                 found = committed(ckpt_dir)
                 mine["newest"] = found[-1].name if found else None
-            except (RunLockedError, TrainingStopped) as error:
+            except (RunLockedError, TrainingStopped, OSError) as error:
                 mine["error"] = _on_node(topology, error)
     states = gather_object(mine)
     decision: dict[str, Any] = {"error": None, "resume": None, "finished": states[0]["finished"]}
