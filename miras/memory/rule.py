@@ -59,7 +59,16 @@ def lq_scale(acc: torch.Tensor, rule: RuleConfig) -> torch.Tensor:
     """1 / max(||A||_q, floor)^(q-2) per matrix (the last two dims), shape (..., 1, 1)."""
     if rule.q == 2:
         return torch.ones_like(acc[..., :1, :1])
-    norm = acc.abs().pow(rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
+    # ||A||_q = m * ||A / m||_q with m = max|A|: sum |A|^q in fp32 underflows to 0 once the entries
+    # fall below ~1e-10 (and overflows above ~1e9), and the backward of x^(1/q) at 0 is inf, which
+    # times the floor's zero gradient made NaN (seen in training, MONETA.md G4). Scaled, the sum is
+    # >= 1, so neither happens. The norm is 1-homogeneous, so holding m constant (detached) leaves
+    # both the value and the gradient exact; m is rounded to a power of two so that the scaling itself
+    # is exact and in the normal range the result is the unscaled formula's, bit for bit.
+    magnitude = acc.abs()
+    peak = magnitude.detach().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
+    peak = torch.exp2(torch.floor(torch.log2(peak)))
+    norm = peak * (magnitude / peak).pow(rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
     return norm.clamp_min(rule.lq_floor).pow(-(rule.q - 2.0))
 
 

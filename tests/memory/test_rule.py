@@ -56,6 +56,28 @@ def test_lq_normaliser_inverts_scale_for_q4_and_respects_the_floor():
     assert torch.all(lq_scale(acc, RuleConfig(q=2.0)) == 1.0)
 
 
+@pytest.mark.parametrize("magnitude", [1e-12, 1e10])
+def test_lq_normaliser_and_its_gradient_stay_finite_for_tiny_and_huge_accumulators(magnitude):
+    # In fp32, sum |A|^4 underflows to 0 for entries below ~1e-10 (overflows above ~1e9), and the
+    # backward of x^(1/4) at 0 is inf: a training run turned NaN exactly there.
+    rule = RuleConfig(q=4.0)
+    acc = (magnitude * torch.randn(2, 6, 24)).requires_grad_()
+    scale = lq_scale(acc, rule)
+    (grad,) = torch.autograd.grad(scale.sum(), acc)
+    assert torch.isfinite(scale).all() and torch.isfinite(grad).all()
+    ref_acc = acc.detach().double().requires_grad_()
+    norm = ref_acc.abs().pow(4).sum((-2, -1), keepdim=True).pow(0.25).clamp_min(rule.lq_floor)
+    (ref_grad,) = torch.autograd.grad(norm.pow(-2.0).sum(), ref_acc)
+    torch.testing.assert_close(scale.double(), norm.pow(-2.0).detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-37)
+
+
+def test_lq_normaliser_matches_the_plain_formula_in_the_normal_range():
+    acc = torch.randn(3, 8, 32, dtype=torch.float64)
+    plain = acc.abs().pow(4).sum((-2, -1), keepdim=True).pow(0.25).clamp_min(1e-6).pow(-2.0)
+    assert torch.equal(lq_scale(acc, RuleConfig(q=4.0)), plain)
+
+
 @pytest.mark.parametrize("channelwise", [False, True])
 def test_decay_weights_stay_finite_for_extreme_decays(channelwise):
     b = 16
