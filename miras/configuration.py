@@ -8,6 +8,8 @@ Choices MONETA.md leaves open, decided once here (see also README "Model choices
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
   biases start eta at `eta_init` and alpha at `alpha_init`;
 - the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0);
+- the memory's LayerNorm gain starts at `memory_gain_init` (0.1): a small read beside the residual
+  (bench/RESULTS.md, language-model quality);
 - no positional encoding (the causal conv and the recurrence give order), SiLU after the conv,
   SiLU output gate, tied input/output embeddings, RMSNorm pre-norm blocks with a SwiGLU MLP.
 """
@@ -61,6 +63,7 @@ class MonetaConfig(PreTrainedConfig):
         sign_sharpness: float = 10.0,
         abs_eps: float = 1e-6,
         inner_grad_clamp: float | None = None,
+        memory_gain_init: float = 0.1,
         memory_ln_eps: float = 1e-5,
         detach_state_every: int = 0,
         norm_eps: float = 1e-6,
@@ -93,6 +96,7 @@ class MonetaConfig(PreTrainedConfig):
         self.sign_sharpness = sign_sharpness
         self.abs_eps = abs_eps
         self.inner_grad_clamp = inner_grad_clamp
+        self.memory_gain_init = memory_gain_init
         self.memory_ln_eps = memory_ln_eps
         self.detach_state_every = detach_state_every
         self.norm_eps = norm_eps
@@ -145,6 +149,7 @@ class MonetaConfig(PreTrainedConfig):
         need(number("eta_init_spread") >= 1, "eta_init_spread", "a number >= 1 (1 = every head starts at eta_init)")
         need(0 < number("alpha_init") < 1, "alpha_init", "a number in (0, 1)")
         need(number("lq_floor") > 0, "lq_floor", "a number > 0")
+        need(number("memory_gain_init") > 0, "memory_gain_init", "a number > 0")
         need(
             self.inner_grad_clamp is None or number("inner_grad_clamp") > 0, "inner_grad_clamp", "None or a number > 0"
         )

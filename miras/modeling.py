@@ -248,7 +248,7 @@ class MonetaPreTrainedModel(PreTrainedModel):
             sigma = (1.0 / (3.0 * count)) ** 0.25
             init.normal_(module.memory_a1, mean=0.0, std=sigma)
             init.normal_(module.memory_a2, mean=0.0, std=sigma)
-            init.ones_(module.memory_ln_weight)
+            init.constant_(module.memory_ln_weight, config.memory_gain_init)
             init.zeros_(module.memory_ln_bias)
             # Heads start at different inner learning rates, log-spaced over
             # [eta_init / eta_init_spread, eta_init * eta_init_spread]: the best step size depends on
