@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from .checkpoint import layout
 from .checkpoint.catalog import committed, find_resumable
@@ -205,6 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as stop:
         print(f"miras train: error: {stop}", file=sys.stderr, flush=True)
         return stop.code
+    finally:
+        _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits. Left to the interpreter's exit, gloo's
+    destructor can find a peer already gone and abort the process (SIGABRT instead of our exit code)."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # exiting anyway; the exit code must stay ours
+            pass
 
 
 def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpose
