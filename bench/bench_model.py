@@ -40,6 +40,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import miras
+from miras.memory.chunkwise import compile_chunk_step
 from miras.modeling import MonetaMixer
 
 SECTIONS = ("train", "memory", "mixer", "decode")
@@ -145,6 +146,7 @@ def train_step(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optim
 def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bool) -> dict:
     model = build_model(kind, args.seed, grad_checkpoint)
     model.train()
+    compile_chunk_step(args.compile and kind == "moneta")  # compiled on the warmup step, not timed
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(args.seed))
     for _ in range(args.warmup):
@@ -154,6 +156,7 @@ def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bo
         start = time.perf_counter()
         train_step(model, ids, optimizer)
         times.append(time.perf_counter() - start)
+    compile_chunk_step(False)
     n_params = dense_params(model)
     del model, optimizer
     gc.collect()
@@ -613,6 +616,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median); train and mixer sections")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--grad-checkpoint", action="store_true", help="also time with block-level checkpointing")
+    parser.add_argument("--compile", action="store_true", help="train: MONETA's chunk step compiled")
     parser.add_argument("--calib-size", type=int, default=2048, help="matmul size for the fp32 peak")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--tokens-per-step", type=int, default=8192)

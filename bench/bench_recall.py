@@ -79,15 +79,15 @@ def main() -> None:
         modeling.chunkwise_memory = inner
 
     torch.manual_seed(0)
-    config = MonetaConfig(
+    settings = dict(
         vocab_size=2 * args.keys + 1,
         hidden_size=64,
         num_hidden_layers=2,
         num_heads=4,
         chunk_size=16,
         intermediate_size=128,
-        **overrides,
     )
+    config = MonetaConfig(**{**settings, **overrides})
     model = MonetaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(1)

@@ -169,12 +169,13 @@ def newest_valid(run_dir):
 
 def test_killed_at_random_moments_and_inside_commits_it_always_resumes_from_the_newest_complete_checkpoint(tmp_path):
     rng = random.Random(7)
-    steps = 40  # more than 11 killed attempts can finish, so every attempt is really killed
+    steps = 40  # more than 7 killed attempts can finish, so every attempt is really killed
     args = [*TINY, "--max-steps", str(steps), "--ckpt-every-steps", "1", "--output-dir", str(tmp_path),
             "--run-name", "chaos", "--resume", "auto"]  # fmt: skip
     run_dir = tmp_path / "chaos"
     points = ["files_written", "before_manifest", "before_rename", "before_latest", "after_commit"]
-    faults = [f"{points[i % len(points)]}:kill@{rng.randint(1, 2)}" for i in range(6)] + [None] * 5
+    # each commit point once, plus two kills at random moments (each attempt is a 2-process start, ~10 s in CI)
+    faults = [f"{point}:kill@{rng.randint(1, 2)}" for point in points] + [None] * 2
     rng.shuffle(faults)
     kills = 0
     for fault in faults:
@@ -204,7 +205,7 @@ def test_killed_at_random_moments_and_inside_commits_it_always_resumes_from_the_
             assert f"resuming from {expected}" in output, output[-2000:]
         if (run_dir / "finished").exists():
             break
-    assert kills >= 10
+    assert kills >= 6
     if not (run_dir / "finished").exists():
         final = run(args, 2)
         assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
