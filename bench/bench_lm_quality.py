@@ -14,6 +14,11 @@ Examples:
   python bench/bench_lm_quality.py --quick
   python bench/bench_lm_quality.py --out bench/out/lm_quality.json
   python bench/bench_lm_quality.py --model-overrides eta_init=0.03 inner_grad_clamp=1.0 --out bench/out/lmq_eta.json
+  python bench/bench_lm_quality.py --steps 200 --eval-every 25 --memory-read off --out bench/out/lmq_off.json
+
+`--memory-read off` replaces MONETA's memory op by its query (the mixer keeps its projections,
+conv, gates, output norm and gate): what the model reaches from local context alone, to compare
+with the real memory on the same batches.
 """
 
 from __future__ import annotations
@@ -219,6 +224,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=0, help="held-out windows per eval (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--memory-read", choices=["on", "off"], default="on", help="off: MONETA without its memory")
     parser.add_argument(
         "--model-overrides", nargs="*", default=[], metavar="KEY=VALUE", help="MonetaConfig fields, e.g. eta_init=0.03"
     )
@@ -238,6 +244,10 @@ def main(argv=None) -> None:
     if args.eval_windows:
         windows = windows[: args.eval_windows]
 
+    if args.memory_read == "off":
+        import miras.modeling
+
+        miras.modeling.chunkwise_memory = lambda q, k, v, eta, log_alpha, state, *rest, **kw: (q + 0 * v, state)
     moneta_cfg = moneta_config(args)
     llama_cfg, moneta_params, llama_params = matched_llama(moneta_cfg, args.seq_len)
     torch.manual_seed(args.seed)

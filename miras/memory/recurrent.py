@@ -46,7 +46,10 @@ def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
     b = rule.chunk_size
     channelwise = eta.dim() == 4
     a1, a2 = state.a1.to(q.dtype), state.a2.to(q.dtype)
-    scale1, scale2 = lq_scale(a1, rule), lq_scale(a2, rule)
+    if state.scale1 is None:
+        scale1, scale2 = lq_scale(a1, rule), lq_scale(a2, rule)
+    else:  # the anchor has not moved since the normalisers were taken
+        scale1, scale2 = state.scale1.to(q.dtype), state.scale2.to(q.dtype)
     w1, w2 = scale1 * a1, scale2 * a2
     if state.buffer_act is None:
         cached = anchor_gradients(state.buffer_k.to(q.dtype), state.buffer_v.to(q.dtype), w1, w2, gamma, beta, rule)
@@ -83,6 +86,7 @@ def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
         )
         keep = full[:, None, None, None]
         a1, a2 = torch.where(keep, new_a1, a1), torch.where(keep, new_a2, a2)
+        scale1, scale2 = lq_scale(a1, rule), lq_scale(a2, rule)  # rows that did not commit: the same values
         reset = full[:, None, None, None]
         reset_gate = full[:, None, None] if buffer_eta.dim() == 3 else reset
         buffer_k, buffer_v, buffer_act, buffer_gz, buffer_gh = (
@@ -95,6 +99,7 @@ def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
         # Rows that committed have a new anchor; their (empty) cached gradients are stale but
         # weigh nothing (eta = 0) until a token overwrites the slot.
     new_state = MemoryState(
-        a1, a2, buffer_k, buffer_v, buffer_eta, buffer_log_alpha, buffer_len, grads.act, grads.gz, grads.gh
-    )
+        a1, a2, buffer_k, buffer_v, buffer_eta, buffer_log_alpha, buffer_len, grads.act, grads.gz, grads.gh,
+        scale1, scale2,
+    )  # fmt: skip
     return y, new_state

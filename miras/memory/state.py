@@ -17,6 +17,8 @@ class MemoryState:
     buffer_act / buffer_gz / buffer_gh: the open chunk's anchor gradients, kept by the one-token
         decoding step so a new token costs O(chunk) and not O(chunk * d_h * m); None when the
         state comes from the chunkwise path (the decoding step then derives them once).
+    scale1 / scale2: the anchor's l_q normalisers 1 / ||A||_q^(q-2), (B, H, 1, 1), kept by the decoding
+        step for the same reason (the norm changes only when a chunk commits); None: derive from a1, a2.
     """
 
     a1: torch.Tensor
@@ -29,6 +31,8 @@ class MemoryState:
     buffer_act: torch.Tensor | None = None
     buffer_gz: torch.Tensor | None = None
     buffer_gh: torch.Tensor | None = None
+    scale1: torch.Tensor | None = None
+    scale2: torch.Tensor | None = None
 
     @classmethod
     def initial(
