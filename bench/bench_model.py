@@ -44,6 +44,7 @@ from miras.memory.chunkwise import compile_chunk_step
 from miras.modeling import MonetaMixer
 
 SECTIONS = ("train", "memory", "mixer", "decode")
+MEMORY_CHECKPOINT_GROUP = 0  # MonetaConfig.memory_checkpoint_group, set by --memory-checkpoint-group
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, CHUNK = 4096, 256, 4, 4, 688, 64
 MODELS = ("moneta", "llama")
 
@@ -60,6 +61,7 @@ def moneta_config(chunk_size: int = CHUNK, layers: int = LAYERS) -> miras.Moneta
         num_heads=HEADS,
         intermediate_size=FFN,
         chunk_size=chunk_size,
+        memory_checkpoint_group=MEMORY_CHECKPOINT_GROUP,
     )
 
 
@@ -266,7 +268,13 @@ def run_peak_memory(kind: str, seq_len: int, grad_checkpoint: bool, args) -> dic
     command += ["--threads", str(args.threads), "--seed", str(args.seed)]
     if grad_checkpoint:
         command.append("--grad-checkpoint")
-    done = subprocess.run(command, capture_output=True, text=True)
+    command += ["--memory-checkpoint-group", str(args.memory_checkpoint_group)]
+    env = dict(os.environ)
+    if args.malloc_mmap_threshold:
+        # glibc then serves every allocation above the threshold with its own mmap and returns it on
+        # free, so RSS follows the live tensors instead of the allocator's retained free lists.
+        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"peak-memory worker {kind} T={seq_len} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -617,6 +625,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--grad-checkpoint", action="store_true", help="also time with block-level checkpointing")
     parser.add_argument("--compile", action="store_true", help="train: MONETA's chunk step compiled")
+    parser.add_argument("--memory-checkpoint-group", type=int, default=0, help="MONETA: chunks per outer checkpoint")
+    parser.add_argument(
+        "--malloc-mmap-threshold", type=int, default=0, help="memory: glibc mmap threshold (bytes) in the workers"
+    )
     parser.add_argument("--calib-size", type=int, default=2048, help="matmul size for the fp32 peak")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--tokens-per-step", type=int, default=8192)
@@ -637,7 +649,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
+    global MEMORY_CHECKPOINT_GROUP
     args = parse_args(argv)
+    MEMORY_CHECKPOINT_GROUP = args.memory_checkpoint_group
     torch.set_num_threads(args.threads)
     if args._peak_memory_worker:
         kind, seq_len = args._peak_memory_worker

@@ -66,6 +66,7 @@ class MonetaConfig(PreTrainedConfig):
         memory_gain_init: float = 0.1,
         memory_ln_eps: float = 1e-5,
         detach_state_every: int = 0,
+        memory_checkpoint_group: int = 0,
         norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
@@ -99,6 +100,10 @@ class MonetaConfig(PreTrainedConfig):
         self.memory_gain_init = memory_gain_init
         self.memory_ln_eps = memory_ln_eps
         self.detach_state_every = detach_state_every
+        # Chunks per outer checkpoint in the memory's backward (0 = one level: every chunk-boundary
+        # state is kept). G > 1 keeps T / (chunk_size * G) + G states instead of T / chunk_size, for
+        # one more forward of the memory: a memory/speed trade for long sequences (bench/RESULTS.md).
+        self.memory_checkpoint_group = memory_checkpoint_group
         self.norm_eps = norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -143,6 +148,11 @@ class MonetaConfig(PreTrainedConfig):
             and self.detach_state_every % self.chunk_size == 0,
             "detach_state_every",
             f"0 (never) or a positive multiple of chunk_size={self.chunk_size}",
+        )
+        need(
+            isinstance(self.memory_checkpoint_group, int) and self.memory_checkpoint_group >= 0,
+            "memory_checkpoint_group",
+            "an integer >= 0 (0 = keep every chunk-boundary state)",
         )
         need(number("eta_max") > 0, "eta_max", "a number > 0")
         need(0 < number("eta_init") < self.eta_max, "eta_init", f"a number in (0, eta_max={self.eta_max})")

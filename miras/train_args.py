@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="truncated BPTT inside the memory, in tokens (a multiple of the chunk; 0 = full backprop, the paper)",
     )
+    add(
+        "--moneta-checkpoint-group",
+        type=non_negative_int,
+        default=0,
+        help="recompute the memory in groups of G chunks: fewer saved states for one more forward (0 = off)",
+    )
 
     add = parser.add_argument_group("hardware and precision").add_argument
     add("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="single-process runs only")

@@ -165,6 +165,7 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("chunk_size", 0, "positive integer"),
         ("hidden_size", 66, "multiple of num_heads"),
         ("detach_state_every", 12, "multiple of chunk_size"),
+        ("memory_checkpoint_group", -1, "integer >= 0"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, accepted):

@@ -75,6 +75,14 @@ def test_dry_run_is_quick_and_writes_nothing(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_moneta_checkpoint_group_reaches_the_model_config(tmp_path):
+    args = [*TINY, "--max-steps", "1", "--moneta-checkpoint-group", "2", "--output-dir", str(tmp_path)]
+    args += ["--run-name", "g"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert config["model_config"]["memory_checkpoint_group"] == 2
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_bf16_and_fp32_both_run(tmp_path, precision):
     args = [*TINY, "--precision", precision, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "p"]

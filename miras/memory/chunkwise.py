@@ -135,18 +135,33 @@ def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
         t.requires_grad for t in (q, k, v, eta, log_alpha, a1, a2, gamma, beta)
     )
     step = _compiled_chunk_step or chunk_step
-    outputs = []
-    for n in range(num_chunks):
-        if n and rule.detach_state_every and (n * b) % rule.detach_state_every == 0:
-            a1, a2 = a1.detach(), a2.detach()  # truncated BPTT: outputs unchanged, gradients cut here
-        full = None if lengths is None else (n + 1) * b <= lengths
-        args = (a1, a2, *(c[n] for c in chunks), gamma_b, beta_b, full, causal, rule)
-        if use_checkpoint:
-            y, a1, a2 = checkpoint(step, *args, use_reentrant=False)
-        else:
-            y, a1, a2 = step(*args)
-        outputs.append(y)
-    y = torch.cat(outputs, dim=2)
+
+    def run_chunks(a1, a2, first: int, stop: int):
+        outputs = []
+        for n in range(first, stop):
+            if n and rule.detach_state_every and (n * b) % rule.detach_state_every == 0:
+                a1, a2 = a1.detach(), a2.detach()  # truncated BPTT: outputs unchanged, gradients cut here
+            full = None if lengths is None else (n + 1) * b <= lengths
+            args = (a1, a2, *(c[n] for c in chunks), gamma_b, beta_b, full, causal, rule)
+            if use_checkpoint:
+                y, a1, a2 = checkpoint(step, *args, use_reentrant=False)
+            else:
+                y, a1, a2 = step(*args)
+            outputs.append(y)
+        return torch.cat(outputs, dim=2), a1, a2
+
+    group = rule.checkpoint_group
+    if use_checkpoint and group > 1:
+        # Two levels: only every group's first state is kept through the forward; the backward
+        # re-runs one group at a time (keeping its chunk states) and then each chunk inside it.
+        # Saved states fall from num_chunks to num_chunks / group + group, for one more forward.
+        outputs = []
+        for first in range(0, num_chunks, group):
+            y, a1, a2 = checkpoint(run_chunks, a1, a2, first, min(first + group, num_chunks), use_reentrant=False)
+            outputs.append(y)
+        y = torch.cat(outputs, dim=2)
+    else:
+        y, a1, a2 = run_chunks(a1, a2, 0, num_chunks)
 
     # 4. The new open chunk: tokens after each row's last full chunk.
     row_len = lengths if lengths is not None else torch.full((batch,), total, device=q.device, dtype=torch.long)

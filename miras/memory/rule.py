@@ -38,6 +38,7 @@ class RuleConfig:
     abs_eps: float = 1e-6  # |e| ~ sqrt(e^2 + eps) in the surrogate
     inner_grad_clamp: float | None = None  # soft clamp on each token's error-gradient norm (G1)
     detach_state_every: int = 0  # tokens; truncated BPTT inside the op (0 = never)
+    checkpoint_group: int = 0  # chunks per outer checkpoint (two-level recompute); 0 or 1 = per chunk only
 
     @property
     def uses_surrogate(self) -> bool:

@@ -190,6 +190,35 @@ def test_detach_state_every_keeps_outputs_and_truncates_gradients():
     assert torch.all(outputs[16][1][:, :, :16] == 0)  # truncated at token 16
 
 
+@pytest.mark.parametrize("every", [0, 16])
+def test_two_level_checkpointing_gives_the_same_outputs_and_gradients_and_keeps_fewer_states(every):
+    x = memory_inputs(length=45, width=16)  # 6 chunks of 8, the last one partial
+    mask = torch.ones(2, 45, dtype=torch.bool)
+    mask[1, :5] = False  # a left-padded row
+    args = ("q", "k", "v", "eta", "log_alpha")
+    results = {}
+    for group in (0, 4):
+        rule = RuleConfig(chunk_size=8, detach_state_every=every, checkpoint_group=group)
+        leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
+        state_bytes = []
+
+        def pack(t, saved=state_bytes, shape=x["a1"].shape[-2:]):
+            if t.dim() == 4 and t.shape[-2:] == shape:  # a (B, H, d_h, m) accumulator
+                saved.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, state = chunkwise_memory(
+                *(leaves[n] for n in args), initial_state(leaves, 8), leaves["gamma"], leaves["beta"], rule, mask
+            )
+        kept = len(state_bytes)
+        grads = torch.autograd.grad(y.pow(2).sum() + state.a1.sum(), list(leaves.values()))
+        results[group] = (y.detach(), state.a1.detach(), grads, kept)
+    for got, want in zip(results[4][:2] + results[4][2], results[0][:2] + results[0][2]):
+        torch.testing.assert_close(got, want, **TOL)
+    assert results[4][3] < results[0][3]  # fewer chunk-boundary states saved through the forward
+
+
 def test_inner_loop_runs_in_fp32_under_bf16_autocast():
     x = memory_inputs(length=20, dtype=torch.float32)
     rule = RuleConfig(chunk_size=8)
