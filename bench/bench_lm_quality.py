@@ -40,6 +40,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import miras
+import miras.modeling as moneta_modeling
 
 LN2 = math.log(2.0)
 HELD_OUT_FRACTION = 0.05
@@ -245,9 +246,8 @@ def main(argv=None) -> None:
         windows = windows[: args.eval_windows]
 
     if args.memory_read == "off":
-        import miras.modeling
-
-        miras.modeling.chunkwise_memory = lambda q, k, v, eta, log_alpha, state, *rest, **kw: (q + 0 * v, state)
+        # A module-level name: `import miras.modeling` here would make `miras` local to main().
+        moneta_modeling.chunkwise_memory = lambda q, k, v, eta, log_alpha, state, *rest, **kw: (q + 0 * v, state)
     moneta_cfg = moneta_config(args)
     llama_cfg, moneta_params, llama_params = matched_llama(moneta_cfg, args.seq_len)
     torch.manual_seed(args.seed)

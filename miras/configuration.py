@@ -64,6 +64,7 @@ class MonetaConfig(PreTrainedConfig):
         abs_eps: float = 1e-6,
         inner_grad_clamp: float | None = None,
         memory_gain_init: float = 0.1,
+        memory_gain_init_spread: float = 1.0,
         memory_ln_eps: float = 1e-5,
         detach_state_every: int = 0,
         memory_checkpoint_group: int = 0,
@@ -98,6 +99,7 @@ class MonetaConfig(PreTrainedConfig):
         self.abs_eps = abs_eps
         self.inner_grad_clamp = inner_grad_clamp
         self.memory_gain_init = memory_gain_init
+        self.memory_gain_init_spread = memory_gain_init_spread
         self.memory_ln_eps = memory_ln_eps
         self.detach_state_every = detach_state_every
         # Chunks per outer checkpoint in the memory's backward (0 = one level: every chunk-boundary
@@ -160,6 +162,11 @@ class MonetaConfig(PreTrainedConfig):
         need(0 < number("alpha_init") < 1, "alpha_init", "a number in (0, 1)")
         need(number("lq_floor") > 0, "lq_floor", "a number > 0")
         need(number("memory_gain_init") > 0, "memory_gain_init", "a number > 0")
+        need(
+            number("memory_gain_init_spread") >= 1,
+            "memory_gain_init_spread",
+            "a number >= 1 (1 = every head starts at memory_gain_init)",
+        )
         need(
             self.inner_grad_clamp is None or number("inner_grad_clamp") > 0, "inner_grad_clamp", "None or a number > 0"
         )

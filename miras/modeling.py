@@ -27,6 +27,13 @@ from .memory import MemoryState, RuleConfig, chunkwise_memory, memory_step
 # `past_key_values`. Both names are accepted everywhere and outputs carry both.
 
 
+def _head_spread(heads: int, spread: float) -> torch.Tensor:
+    """Per-head factors log-spaced over [1 / spread, spread] (all 1 for one head), in float64."""
+    if heads == 1:
+        return torch.ones(1, dtype=torch.float64)
+    return torch.logspace(-1.0, 1.0, heads, dtype=torch.float64).pow(math.log10(spread))
+
+
 class MonetaRMSNorm(nn.Module):
     def __init__(self, shape, eps: float):
         super().__init__()
@@ -249,18 +256,16 @@ class MonetaPreTrainedModel(PreTrainedModel):
             sigma = (1.0 / (3.0 * count)) ** 0.25
             init.normal_(module.memory_a1, mean=0.0, std=sigma)
             init.normal_(module.memory_a2, mean=0.0, std=sigma)
-            init.constant_(module.memory_ln_weight, config.memory_gain_init)
-            init.zeros_(module.memory_ln_bias)
-            # Heads start at different inner learning rates, log-spaced over
-            # [eta_init / eta_init_spread, eta_init * eta_init_spread]: the best step size depends on
-            # scales the outer loop is still learning, so each layer starts with a range to choose from.
+            # Heads start at different inner learning rates and read gains, both log-spaced over
+            # [init / spread, init * spread] in the same head order: the best write strength depends on
+            # scales the outer loop is still learning, and a strong read helps recall but drowns the local
+            # context a language model learns first, so each layer starts with a range to choose from
+            # (bench/RESULTS.md, recall and language-model quality).
             heads = module.num_heads
-            spread = (
-                torch.logspace(-1.0, 1.0, heads, dtype=torch.float64)
-                if heads > 1
-                else torch.ones(1, dtype=torch.float64)
-            )
-            etas = (config.eta_init * spread.pow(math.log10(config.eta_init_spread))).clamp(max=0.5 * config.eta_max)
+            gains = config.memory_gain_init * _head_spread(heads, config.memory_gain_init_spread)
+            init.copy_(module.memory_ln_weight, gains.float()[:, None].expand(heads, module.head_dim))
+            init.zeros_(module.memory_ln_bias)
+            etas = (config.eta_init * _head_spread(heads, config.eta_init_spread)).clamp(max=0.5 * config.eta_max)
             eta_bias = (-torch.log(config.eta_max / etas - 1.0)).float()  # eta_max * sigmoid(bias) = eta
             alpha_bias = math.log(config.alpha_init / (1.0 - config.alpha_init))
             if module.channelwise:

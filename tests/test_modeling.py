@@ -166,11 +166,25 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("hidden_size", 66, "multiple of num_heads"),
         ("detach_state_every", 12, "multiple of chunk_size"),
         ("memory_checkpoint_group", -1, "integer >= 0"),
+        ("memory_gain_init_spread", 0.5, ">= 1"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, accepted):
     with pytest.raises(ValueError, match=rf"MonetaConfig\.{field}=.*{accepted}"):
         tiny_config(**{field: value})
+
+
+def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_order():
+    model = tiny_model(memory_gain_init=0.1, memory_gain_init_spread=10.0, eta_max=1.0, eta_init=0.01)
+    for block in model.model.layers:
+        mixer = block.mixer
+        gains = mixer.memory_ln_weight.detach()
+        assert torch.equal(gains, gains[:, :1].expand_as(gains))  # one gain per head
+        torch.testing.assert_close(gains[:, 0], torch.tensor([0.01, 0.1 / 10 ** (1 / 3), 0.1 * 10 ** (1 / 3), 1.0]))
+        etas = torch.sigmoid(mixer.gate_proj.bias[: mixer.num_heads].detach())
+        torch.testing.assert_close(etas, torch.tensor([0.001, 0.01 / 10 ** (1 / 3), 0.01 * 10 ** (1 / 3), 0.1]))
+    default = tiny_model().model.layers[0].mixer.memory_ln_weight
+    assert torch.all(default == 0.1)  # spread 1: every head at memory_gain_init
 
 
 def test_unknown_size_lists_the_sizes():
