@@ -66,11 +66,21 @@ MIXERS = {"moneta": None, "off": memory_off, "linear-attention": linear_attentio
 
 
 @contextlib.contextmanager
-def mixer_swapped(mixer: str):
-    """Replace the mixer's memory op for the duration (the model is otherwise untouched)."""
+def mixer_swapped(mixer: str, value_rms_norm: bool = False):
+    """Replace the mixer's memory op for the duration (the model is otherwise untouched).
+
+    value_rms_norm: RMS-normalise v before the memory (a variant tried in sessions 3-5).
+    """
     original = modeling.chunkwise_memory
-    if MIXERS[mixer] is not None:
-        modeling.chunkwise_memory = MIXERS[mixer]
+    inner = MIXERS[mixer] or original
+    if value_rms_norm:
+
+        def memory(q, k, v, *rest, **kw):
+            return inner(q, k, v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6), *rest, **kw)
+
+        modeling.chunkwise_memory = memory
+    else:
+        modeling.chunkwise_memory = inner
     try:
         yield
     finally:
@@ -88,6 +98,7 @@ def train_recall(
     model_overrides: dict | None = None,
     seed: int = 0,
     cosine: bool = True,
+    value_rms_norm: bool = False,
     log=None,
 ) -> dict:
     """Train a fresh tiny model on the recall task; the accuracy curve and the final accuracy."""
@@ -101,7 +112,7 @@ def train_recall(
     )
     generator = torch.Generator().manual_seed(seed + 1)
     accuracies, curve, started = [], [], time.perf_counter()
-    with mixer_swapped(mixer):
+    with mixer_swapped(mixer, value_rms_norm):
         for step in range(1, steps + 1):
             ids, labels = recall_batch(batch_size, keys, pairs, generator, gap)
             out = model(ids, labels=labels)
@@ -138,6 +149,7 @@ def main() -> None:
     parser.add_argument("--gap", type=int, default=6, help="separator tokens between the pairs and the queries")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--constant-lr", action="store_true", help="no cosine decay")
+    parser.add_argument("--value-rms-norm", action="store_true", help="RMS-normalise v before the memory")
     parser.add_argument("--model-overrides", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -157,6 +169,7 @@ def main() -> None:
         overrides,
         args.seed,
         cosine=not args.constant_lr,
+        value_rms_norm=args.value_rms_norm,
         log=lambda line: print(line, flush=True),
     )
     result["args"] = vars(args)

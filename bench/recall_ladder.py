@@ -111,7 +111,7 @@ def main() -> None:
         accuracies.append((predicted[answered] == target[answered]).float().mean().item())
         if step % 50 == 0:
             print(f"step {step:4d}  loss {out.loss.item():.3f}  accuracy (last 50) {sum(accuracies[-50:]) / 50:.3f}")
-    print(f"final accuracy (last 50 steps): {sum(accuracies[-50:]) / 50:.3f}")
+    print(f"final accuracy (last 50 steps): {sum(accuracies[-50:]) / len(accuracies[-50:]):.3f}")
 
 
 if __name__ == "__main__":
