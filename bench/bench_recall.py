@@ -66,13 +66,14 @@ MIXERS = {"moneta": None, "off": memory_off, "linear-attention": linear_attentio
 
 
 @contextlib.contextmanager
-def mixer_swapped(mixer: str, value_rms_norm: bool = False):
+def mixer_swapped(mixer, value_rms_norm: bool = False):
     """Replace the mixer's memory op for the duration (the model is otherwise untouched).
 
+    mixer: a name in MIXERS, or a function with chunkwise_memory's signature.
     value_rms_norm: RMS-normalise v before the memory (a variant tried in sessions 3-5).
     """
     original = modeling.chunkwise_memory
-    inner = MIXERS[mixer] or original
+    inner = (MIXERS[mixer] if isinstance(mixer, str) else mixer) or original
     if value_rms_norm:
 
         def memory(q, k, v, *rest, **kw):
@@ -88,7 +89,7 @@ def mixer_swapped(mixer: str, value_rms_norm: bool = False):
 
 
 def train_recall(
-    mixer: str = "moneta",
+    mixer="moneta",
     steps: int = 400,
     lr: float = 3e-2,
     batch_size: int = 32,
@@ -130,7 +131,7 @@ def train_recall(
                 if log is not None:
                     log(f"step {step:5d}  loss {out.loss.item():.3f}  recall accuracy (last 50) {recent:.3f}")
     return {
-        "mixer": mixer,
+        "mixer": mixer if isinstance(mixer, str) else mixer.__name__,
         "chance": 1.0 / keys,
         "final_accuracy": curve[-1]["accuracy_last50"],
         "seconds": time.perf_counter() - started,

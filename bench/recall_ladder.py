@@ -27,10 +27,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from bench_recall import RECALL_MODEL, recall_batch
-
-import miras.modeling as modeling
-from miras import MonetaConfig, MonetaForCausalLM
+from bench_recall import train_recall
 
 
 def parse_args():
@@ -63,7 +60,7 @@ def ladder_memory(args, eta_max: float):
             out = args.gain * F.layer_norm(out, out.shape[-1:])
         return x + out if args.residual else out
 
-    def memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask=None):
+    def ladder(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask=None):
         batch, heads, length, dh = q.shape
         generator = torch.Generator().manual_seed(0)
         if args.mem == "linear":
@@ -86,32 +83,25 @@ def ladder_memory(args, eta_max: float):
         y = torch.cat(reads, 2)
         return (y if args.residual else q + y), state
 
-    return memory
+    return ladder
 
 
 def main() -> None:
     args = parse_args()
-    torch.manual_seed(0)
     # The gate starts where the session-5 runs had it (per-head eta 0.001-0.1 of the maximum).
-    config = MonetaConfig(vocab_size=2 * args.keys + 1, **RECALL_MODEL, eta_max=1.0, eta_init=0.01)
-    modeling.chunkwise_memory = ladder_memory(args, config.eta_max)
-    model = MonetaForCausalLM(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(1)
-    accuracies = []
-    for step in range(1, args.steps + 1):
-        ids, labels = recall_batch(32, args.keys, args.pairs, generator, args.gap)
-        out = model(ids, labels=labels)
-        optimizer.zero_grad()
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        predicted, target = out.logits[:, :-1].argmax(-1), labels[:, 1:]
-        answered = target != -100
-        accuracies.append((predicted[answered] == target[answered]).float().mean().item())
-        if step % 50 == 0:
-            print(f"step {step:4d}  loss {out.loss.item():.3f}  accuracy (last 50) {sum(accuracies[-50:]) / 50:.3f}")
-    print(f"final accuracy (last 50 steps): {sum(accuracies[-50:]) / len(accuracies[-50:]):.3f}")
+    overrides = dict(eta_max=1.0, eta_init=0.01)
+    result = train_recall(
+        ladder_memory(args, overrides["eta_max"]),
+        args.steps,
+        args.lr,
+        keys=args.keys,
+        pairs=args.pairs,
+        gap=args.gap,
+        model_overrides=overrides,
+        cosine=False,
+        log=print,
+    )
+    print(f"final accuracy (last 50 steps): {result['final_accuracy']:.3f}")
 
 
 if __name__ == "__main__":
