@@ -2,7 +2,7 @@
 
 Diagnostic, not the real op: the tiny model of `bench_recall.py` (same task, same defaults) with its
 memory op replaced by a per-token loop whose inner gradient comes from `torch.autograd.grad` (fine
-for 14-token sequences), so each ingredient can be switched on alone:
+for sequences this short), so each ingredient can be switched on alone:
 
 - `--mem linear|mlp`: f(x) = W x, or W1 gelu(W2 x) (expansion 4);
 - `--p`: the l_p attentional bias of the error f(k) - v (2 = the delta rule);
@@ -47,6 +47,8 @@ def parse_args():
     parser.add_argument("--keys", type=int, default=8)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--gap", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--queries", type=int, default=1, help="pairs asked per sequence (see bench_recall)")
     return parser.parse_args()
 
 
@@ -97,6 +99,8 @@ def main() -> None:
         keys=args.keys,
         pairs=args.pairs,
         gap=args.gap,
+        queries=args.queries,
+        batch_size=args.batch_size,
         model_overrides=overrides,
         cosine=False,
         log=print,
