@@ -147,7 +147,7 @@ class MonetaMixer(nn.Module):
             abs_eps=config.abs_eps,
             inner_grad_clamp=config.inner_grad_clamp,
             detach_state_every=config.detach_state_every,
-            checkpoint_group=getattr(config, "memory_checkpoint_group", 0),
+            checkpoint_group=config.memory_checkpoint_group,
         )
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
