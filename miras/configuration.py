@@ -7,7 +7,8 @@ Choices MONETA.md leaves open, decided once here (see also README "Model choices
 - gates: eta_t = eta_max * sigmoid(.), alpha_t = sigmoid(.) kept in log space; per-head scalars by
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
   biases start eta at `eta_init` and alpha at `alpha_init`;
-- the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0);
+- the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0), the
+  output matrix's times `memory_out_init_scale` (1);
 - the memory's LayerNorm gain starts at `memory_gain_init` (0.1): a small read beside the residual
   (bench/RESULTS.md, language-model quality);
 - no positional encoding (the causal conv and the recurrence give order), SiLU after the conv,
@@ -65,6 +66,7 @@ class MonetaConfig(PreTrainedConfig):
         inner_grad_clamp: float | None = None,
         memory_gain_init: float = 0.1,
         memory_gain_init_spread: float = 1.0,
+        memory_out_init_scale: float = 1.0,
         memory_ln_eps: float = 1e-5,
         detach_state_every: int = 0,
         memory_checkpoint_group: int = 0,
@@ -100,6 +102,12 @@ class MonetaConfig(PreTrainedConfig):
         self.inner_grad_clamp = inner_grad_clamp
         self.memory_gain_init = memory_gain_init
         self.memory_gain_init_spread = memory_gain_init_spread
+        # Scales the initial accumulator of the memory's output matrix (A1_0, W1 in
+        # M(x) = x + LN(W1 gelu(W2 x))). The LayerNorm makes the read blind to W1's scale, but a write's
+        # size next to the initial read goes as eta / scale^2 when q = 2 (W = A): a smaller W1_0 lets
+        # the written pairs dominate the read (bench/RESULTS.md, session 7). With q > 2 the l_q
+        # normaliser cancels the scale, so it changes nothing there.
+        self.memory_out_init_scale = memory_out_init_scale
         self.memory_ln_eps = memory_ln_eps
         self.detach_state_every = detach_state_every
         # Chunks per outer checkpoint in the memory's backward (0 = one level: every chunk-boundary
@@ -167,6 +175,7 @@ class MonetaConfig(PreTrainedConfig):
             "memory_gain_init_spread",
             "a number >= 1 (1 = every head starts at memory_gain_init)",
         )
+        need(number("memory_out_init_scale") > 0, "memory_out_init_scale", "a number > 0 (1 = ||A1_0||_q = 1)")
         need(
             self.inner_grad_clamp is None or number("inner_grad_clamp") > 0, "inner_grad_clamp", "None or a number > 0"
         )

@@ -254,7 +254,7 @@ class MonetaPreTrainedModel(PreTrainedModel):
             # so W_0 = A_0 / ||A_0||_q^(q-2) = A_0 and the first reads are neither inflated nor squashed.
             count = module.memory_a1[0].numel()
             sigma = (1.0 / (3.0 * count)) ** 0.25
-            init.normal_(module.memory_a1, mean=0.0, std=sigma)
+            init.normal_(module.memory_a1, mean=0.0, std=sigma * config.memory_out_init_scale)
             init.normal_(module.memory_a2, mean=0.0, std=sigma)
             # Heads start at different inner learning rates and read gains, both log-spaced over
             # [init / spread, init * spread] in the same head order: the best write strength depends on

@@ -1,5 +1,7 @@
 """MonetaForCausalLM: decoding, segments, padding, save/load, training stability, config checks."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -167,6 +169,7 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("detach_state_every", 12, "multiple of chunk_size"),
         ("memory_checkpoint_group", -1, "integer >= 0"),
         ("memory_gain_init_spread", 0.5, ">= 1"),
+        ("memory_out_init_scale", 0.0, "> 0"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, accepted):
@@ -185,6 +188,25 @@ def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_or
         torch.testing.assert_close(etas, torch.tensor([0.001, 0.01 / 10 ** (1 / 3), 0.01 * 10 ** (1 / 3), 0.1]))
     default = tiny_model().model.layers[0].mixer.memory_ln_weight
     assert torch.all(default == 0.1)  # spread 1: every head at memory_gain_init
+
+
+def test_memory_out_init_scale_scales_only_the_output_matrix_and_the_lq_normaliser_cancels_it():
+    ids = random_ids(2, 20)
+    base, scaled = tiny_model(), tiny_model(memory_out_init_scale=0.3)
+    for block, other in zip(base.model.layers, scaled.model.layers):
+        torch.testing.assert_close(other.mixer.memory_a1, 0.3 * block.mixer.memory_a1)
+        assert torch.equal(other.mixer.memory_a2, block.mixer.memory_a2)
+    # q = 4: W1 = A1 / ||A1||_4^2 scales by 1 / c, writes by the same, and the LayerNorm'd read is
+    # blind to that: the logits agree (exactly but for the LayerNorm's eps, set negligible here).
+    base4 = tiny_model(memory_ln_eps=1e-14).double()
+    scaled4 = copy.deepcopy(base4)
+    with torch.no_grad():
+        for block in scaled4.model.layers:
+            block.mixer.memory_a1.mul_(0.5)  # a power of two: every scaled product stays exact
+    torch.testing.assert_close(scaled4(ids).logits, base4(ids).logits, atol=1e-10, rtol=1e-10)
+    # q = 2: W = A, so the initial read is smaller next to the writes and the outputs differ.
+    base2, scaled2 = tiny_model(q=2, eta_init=0.5), tiny_model(q=2, eta_init=0.5, memory_out_init_scale=0.3)
+    assert (scaled2(ids).logits - base2(ids).logits).abs().max() > 1e-3
 
 
 def test_unknown_size_lists_the_sizes():
