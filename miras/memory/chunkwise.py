@@ -28,7 +28,7 @@ def chunk_step(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, rule:
     """
     channelwise = eta.dim() == q.dim()
     scale1, scale2 = lq_scale(a1, rule), lq_scale(a2, rule)
-    grads = anchor_gradients(k, v, scale1 * a1, scale2 * a2, gamma, beta, rule)
+    grads = anchor_gradients(k, v, a1, a2, gamma, beta, rule, scale1, scale2)
     cumulative = log_alpha.cumsum(dim=2)
     weights = decay_weights(cumulative, cumulative, eta, causal, channelwise)
     query_decay = cumulative.exp()

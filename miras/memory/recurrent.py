@@ -50,12 +50,12 @@ def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
         scale1, scale2 = lq_scale(a1, rule), lq_scale(a2, rule)
     else:  # the anchor has not moved since the normalisers were taken
         scale1, scale2 = state.scale1.to(q.dtype), state.scale2.to(q.dtype)
-    w1, w2 = scale1 * a1, scale2 * a2
     if state.buffer_act is None:
-        cached = anchor_gradients(state.buffer_k.to(q.dtype), state.buffer_v.to(q.dtype), w1, w2, gamma, beta, rule)
+        buffer_k, buffer_v = state.buffer_k.to(q.dtype), state.buffer_v.to(q.dtype)
+        cached = anchor_gradients(buffer_k, buffer_v, a1, a2, gamma, beta, rule, scale1, scale2)
     else:
         cached = AnchorGradients(state.buffer_act, state.buffer_gz, state.buffer_gh)
-    new = anchor_gradients(k, v, w1, w2, gamma, beta, rule)
+    new = anchor_gradients(k, v, a1, a2, gamma, beta, rule, scale1, scale2)
 
     advance = torch.ones_like(state.buffer_len, dtype=torch.bool) if mask is None else mask[:, -1].to(torch.bool)
     slot = (torch.arange(b, device=q.device)[None, :] == state.buffer_len[:, None]) & advance[:, None]  # (B, b)

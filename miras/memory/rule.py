@@ -59,11 +59,27 @@ def lq_scale(acc: torch.Tensor, rule: RuleConfig) -> torch.Tensor:
     # >= 1, so neither happens. The norm is 1-homogeneous, so holding m constant (detached) leaves
     # both the value and the gradient exact; m is rounded to a power of two so that the scaling itself
     # is exact and in the normal range the result is the unscaled formula's, bit for bit.
-    magnitude = acc.abs()
-    peak = magnitude.detach().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
+    peak = acc.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
     peak = torch.exp2(torch.floor(torch.log2(peak)))
-    norm = peak * (magnitude / peak).pow(rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
+    norm = peak * abs_pow(acc / peak, rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
     return norm.clamp_min(rule.lq_floor).pow(-(rule.q - 2.0))
+
+
+def abs_pow(x: torch.Tensor, exponent: float) -> torch.Tensor:
+    """|x|^exponent, by repeated multiplication for the small integer exponents.
+
+    ATen's generic pow costs ~8x a multiply on the CPU (1.4 ms against 0.18 ms for |A|^4 of a
+    (16, 256, 64) accumulator, and its backward is another generic pow); the l_q norm takes it
+    twice per chunk, so this was ~20% of the chunk step (bench/RESULTS.md, session 8).
+    """
+    if exponent == 2:
+        return x * x
+    if exponent == 3:
+        return x * x * x.abs()
+    if exponent == 4:
+        square = x * x
+        return square * square
+    return x.abs().pow(exponent)
 
 
 def lp_error_gradient(err: torch.Tensor, rule: RuleConfig) -> torch.Tensor:
@@ -109,11 +125,17 @@ class AnchorGradients:
     gh: torch.Tensor  # error vector of W2's output, (..., b, m)
 
 
-def anchor_gradients(k, v, w1, w2, gamma, beta, rule: RuleConfig) -> AnchorGradients:
-    """The hand-written inner backward of l_p(M(k; W), v) (MONETA.md §2.5), batched over tokens."""
-    h = k @ w2.transpose(-1, -2)
+def anchor_gradients(k, v, w1, w2, gamma, beta, rule: RuleConfig, scale1=None, scale2=None) -> AnchorGradients:
+    """The hand-written inner backward of l_p(M(k; W), v) (MONETA.md §2.5), batched over tokens.
+
+    w1, w2: the weights; or the accumulators with their l_q normalisers passed as scale1, scale2,
+    which is cheaper: the scalar then multiplies (b, d_h) tensors instead of a (d_h, m) matrix.
+    """
+    h = (k if scale2 is None else k * scale2) @ w2.transpose(-1, -2)
     act = gelu(h)
     z = act @ w1.transpose(-1, -2)
+    if scale1 is not None:
+        z = z * scale1
     u, z_hat, std = layer_norm(z, gamma, beta, rule.ln_eps)
     err = k + u - v
     ge = soft_clamp_rows(lp_error_gradient(err, rule), rule.inner_grad_clamp)
@@ -121,7 +143,7 @@ def anchor_gradients(k, v, w1, w2, gamma, beta, rule: RuleConfig) -> AnchorGradi
     gz = (g - g.mean(dim=-1, keepdim=True) - z_hat * (g * z_hat).mean(dim=-1, keepdim=True)) / std
     # gelu'(h) * (gz W1) in ATen's fused kernel, which autograd differentiates again (gelu_double_backward):
     # 7x faster on the CPU than spelling out Phi(h) + h phi(h) elementwise (bench/RESULTS.md, profile).
-    gh = torch.ops.aten.gelu_backward(gz @ w1, h)
+    gh = torch.ops.aten.gelu_backward((gz if scale1 is None else gz * scale1) @ w1, h)
     return AnchorGradients(act=act, gz=gz, gh=gh)
 
 
@@ -173,13 +195,19 @@ def dual_form_read(
             - torch.einsum("...tj,...tjc,...jc->...tc", aa, weights, grads.gz)
         )
     else:
+        # The scalars and the minus sign go onto the smallest operand ((b, d_h) or (b, b), not
+        # (b, m)), and the sum rides in the matmul (baddbmm): fewer full passes over (b, m) tensors.
         decay = query_decay.unsqueeze(-1)
-        h = scale2 * (
-            decay * (queries @ anchor_a2.transpose(-1, -2)) - (weights * (queries @ keys.transpose(-1, -2))) @ grads.gh
+        h = add_matmul(
+            (queries * (decay * scale2)) @ anchor_a2.transpose(-1, -2),
+            weights * -scale2 * (queries @ keys.transpose(-1, -2)),
+            grads.gh,
         )
         act_q = gelu(h)
-        z = scale1 * (
-            decay * (act_q @ anchor_a1.transpose(-1, -2)) - (weights * (act_q @ grads.act.transpose(-1, -2))) @ grads.gz
+        z = add_matmul(
+            (act_q @ anchor_a1.transpose(-1, -2)) * (decay * scale1),
+            weights * -scale1 * (act_q @ grads.act.transpose(-1, -2)),
+            grads.gz,
         )
     u, _, _ = layer_norm(z, gamma, beta, rule.ln_eps)
     return queries + u
@@ -195,7 +223,19 @@ def committed_accumulators(anchor_a1, anchor_a2, keys, grads: AnchorGradients, l
         a1 = anchor_a1 * total_decay.unsqueeze(-1) - (grads.gz * last_weights).transpose(-1, -2) @ grads.act
     else:
         decay = total_decay[..., None, None]
-        w = last_weights.unsqueeze(-1)
-        a2 = decay * anchor_a2 - grads.gh.transpose(-1, -2) @ (keys * w)
-        a1 = decay * anchor_a1 - (grads.gz * w).transpose(-1, -2) @ grads.act
+        minus_w = -last_weights.unsqueeze(-1)
+        a2 = add_matmul(decay * anchor_a2, grads.gh.transpose(-1, -2), keys * minus_w)
+        a1 = add_matmul(decay * anchor_a1, (grads.gz * minus_w).transpose(-1, -2), grads.act)
     return a1, a2
+
+
+def add_matmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x + a @ b, the sum fused into the batched matmul (baddbmm) where the batch shapes agree.
+
+    alpha and beta stay 1: any other value costs baddbmm's backward a full extra multiply.
+    """
+    batch = x.shape[:-2]
+    if x.dim() < 3 or a.shape[:-2] != batch or b.shape[:-2] != batch:
+        return x + a @ b
+    out = torch.baddbmm(x.reshape(-1, *x.shape[-2:]), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
+    return out.view(x.shape)
