@@ -58,7 +58,7 @@ def lq_scale(acc: torch.Tensor, rule: RuleConfig) -> torch.Tensor:
     # times the floor's zero gradient made NaN (seen in training, MONETA.md G4). Scaled, the sum is
     # >= 1, so neither happens. The norm is 1-homogeneous, so holding m constant (detached) leaves
     # both the value and the gradient exact; m is rounded to a power of two so that the scaling itself
-    # is exact and in the normal range the result is the unscaled formula's, bit for bit.
+    # is exact and in the normal range the result is the unscaled formula's up to rounding.
     peak = acc.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
     peak = torch.exp2(torch.floor(torch.log2(peak)))
     norm = peak * abs_pow(acc / peak, rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
@@ -232,10 +232,37 @@ def committed_accumulators(anchor_a1, anchor_a2, keys, grads: AnchorGradients, l
 def add_matmul(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """x + a @ b, the sum fused into the batched matmul (baddbmm) where the batch shapes agree.
 
+    x must be a temporary of the caller's: without autograd recording (the hand-written backward,
+    a no-grad forward) the product is accumulated into x in place, which saves baddbmm's copy of x.
     alpha and beta stay 1: any other value costs baddbmm's backward a full extra multiply.
     """
     batch = x.shape[:-2]
     if x.dim() < 3 or a.shape[:-2] != batch or b.shape[:-2] != batch:
         return x + a @ b
-    out = torch.baddbmm(x.reshape(-1, *x.shape[-2:]), a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
-    return out.view(x.shape)
+    x3, a3, b3 = (t.reshape(-1, *t.shape[-2:]) for t in (x, a, b))
+    if not torch.is_grad_enabled() and x.is_contiguous():
+        return x3.baddbmm_(a3, b3).view(x.shape)
+    return torch.baddbmm(x3, a3, b3).view(x.shape)
+
+
+def chunk_step(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, rule: RuleConfig):
+    """One chunk: reads for its queries and the accumulators at its end.
+
+    full: (B,) bool or None; rows whose chunk is not full keep their anchor (their open chunk is
+    returned as a buffer by the caller instead of being committed).
+    """
+    channelwise = eta.dim() == q.dim()
+    scale1, scale2 = lq_scale(a1, rule), lq_scale(a2, rule)
+    grads = anchor_gradients(k, v, a1, a2, gamma, beta, rule, scale1, scale2)
+    cumulative = log_alpha.cumsum(dim=2)
+    weights = decay_weights(cumulative, cumulative, eta, causal, channelwise)
+    query_decay = cumulative.exp()
+    y = dual_form_read(q, a1, a2, scale1, scale2, k, grads, weights, query_decay, gamma, beta, rule)
+    last_weights = weights[:, :, -1]
+    total_decay = query_decay[:, :, -1]
+    new_a1, new_a2 = committed_accumulators(a1, a2, k, grads, last_weights, total_decay)
+    if full is not None:
+        keep = full[:, None, None, None]
+        new_a1 = torch.where(keep, new_a1, a1)
+        new_a2 = torch.where(keep, new_a2, a2)
+    return y, new_a1, new_a2

@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from miras.memory.rule import RuleConfig, anchor_gradients, decay_weights, gelu, layer_norm, lp_error_gradient, lq_scale
+from miras.memory.rule import (
+    RuleConfig,
+    abs_pow,
+    anchor_gradients,
+    decay_weights,
+    gelu,
+    layer_norm,
+    lp_error_gradient,
+    lq_scale,
+)
 
 
 def _memory_loss(w1, w2, k, v, gamma, beta, p, eps):
@@ -75,7 +84,8 @@ def test_lq_normaliser_and_its_gradient_stay_finite_for_tiny_and_huge_accumulato
 def test_lq_normaliser_matches_the_plain_formula_in_the_normal_range():
     acc = torch.randn(3, 8, 32, dtype=torch.float64)
     plain = acc.abs().pow(4).sum((-2, -1), keepdim=True).pow(0.25).clamp_min(1e-6).pow(-2.0)
-    assert torch.equal(lq_scale(acc, RuleConfig(q=4.0)), plain)
+    # Equal to rounding: the power-of-two scaling is exact, |A|^4 is taken as (A^2)^2 instead of pow.
+    torch.testing.assert_close(lq_scale(acc, RuleConfig(q=4.0)), plain, rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("channelwise", [False, True])
@@ -93,3 +103,14 @@ def test_decay_weights_stay_finite_for_extreme_decays(channelwise):
     upper = ~causal
     assert torch.all((weights[:, upper] if not channelwise else weights[:, upper, :]) == 0)
     assert math.isclose(float(weights[0, 1, 0] if not channelwise else weights[0, 1, 0, 0]), 0.0, abs_tol=1e-200)
+
+
+@pytest.mark.parametrize("exponent", [2.0, 3.0, 4.0, 4.5, 1.0])
+def test_abs_pow_equals_the_generic_power_with_its_gradient(exponent):
+    x = torch.randn(5, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    fast = abs_pow(x, exponent)
+    plain = x.abs().pow(exponent)
+    torch.testing.assert_close(fast, plain, rtol=1e-14, atol=0)
+    (g_fast,) = torch.autograd.grad(fast.sum(), x)
+    (g_plain,) = torch.autograd.grad(plain.sum(), x)
+    torch.testing.assert_close(g_fast, g_plain, rtol=1e-13, atol=0)
