@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .rule import RuleConfig, abs_pow, add_matmul, chunk_step, lp_error_gradient
+from .rule import RuleConfig, abs_pow, add_matmul, chunk_step, decay_matrix, lp_error_gradient
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -115,8 +115,7 @@ def _chunk_backward(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, 
     s1, s1_backward = _lq_scale_and_direction(a1, rule)
     s2, s2_backward = _lq_scale_and_direction(a2, rule)
     cumulative = log_alpha.cumsum(dim=-1)
-    diff = (cumulative.unsqueeze(-1) - cumulative.unsqueeze(-2)).masked_fill(~causal, -math.inf)
-    decay = torch.exp(diff)  # E[t, j]; D = E * eta_j
+    decay = decay_matrix(cumulative, cumulative, causal, channelwise=False)  # E[t, j]; D = E * eta_j
     weights = decay * eta.unsqueeze(-2)
     query_decay = cumulative.exp()
     qd = query_decay.unsqueeze(-1)
@@ -214,8 +213,11 @@ def _chunk_backward(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, 
 
     # ---- anchor: the inner backward, differentiated ----
     d_gzw_full = torch.ops.aten.gelu_backward(d_gh, h)  # d (s1 gz A1)
-    phi = torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
-    d_h = d_gh * gz_w * phi * (2.0 - h * h)  # gelu''(h) = phi(h) (2 - h^2)
+    # gelu''(h) = phi(h) (2 - h^2); h^2 is capped at 170 so that exp stays out of its slow subnormal
+    # path (see decay_matrix): beyond it the term is below 1e-35.
+    h_sq = h * h
+    phi = torch.exp(h_sq.clamp_max(170.0) * -0.5) * _INV_SQRT_2PI
+    d_h = d_gh * gz_w * phi * (2.0 - h_sq)
     d_gzs = d_gzw_full @ _bt(a1)
     da1 = add_matmul(da1, _bt(gzs), d_gzw_full)
     d_gz = d_gz + d_gzs * s1
