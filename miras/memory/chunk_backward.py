@@ -33,6 +33,19 @@ from .rule import RuleConfig, abs_pow, add_matmul, chunk_step, decay_matrix, lp_
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+# What ChunkStep runs: eager by default, torch.compile'd ones after compile_functions().
+_IMPLEMENTATION = {}
+
+
+def compile_functions(enabled: bool = True) -> None:
+    """Run ChunkStep's forward and backward through torch.compile (fuses their elementwise passes)."""
+    if enabled:
+        _IMPLEMENTATION["forward"] = torch.compile(chunk_step, dynamic=False)
+        _IMPLEMENTATION["backward"] = torch.compile(_chunk_backward, dynamic=False)
+    else:
+        _IMPLEMENTATION.clear()
+
+
 def supports(rule: RuleConfig, channelwise: bool) -> bool:
     """Whether ChunkStep covers this rule (otherwise the caller checkpoints chunk_step)."""
     return not channelwise and rule.inner_grad_clamp is None
@@ -45,13 +58,15 @@ class ChunkStep(torch.autograd.Function):
     def forward(ctx, a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, rule):
         ctx.save_for_backward(a1, a2, q, k, v, eta, log_alpha, gamma, beta)
         ctx.full, ctx.causal, ctx.rule = full, causal, rule
-        return chunk_step(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, rule)
+        forward = _IMPLEMENTATION.get("forward", chunk_step)
+        return forward(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, rule)
 
     @staticmethod
     def backward(ctx, dy, da1_out, da2_out):
         a1, a2, q, k, v, eta, log_alpha, gamma, beta = ctx.saved_tensors
-        grads = _chunk_backward(a1, a2, q, k, v, eta, log_alpha, gamma, beta, ctx.full, ctx.causal, ctx.rule,
-                                dy, da1_out, da2_out)  # fmt: skip
+        backward = _IMPLEMENTATION.get("backward", _chunk_backward)
+        grads = backward(a1, a2, q, k, v, eta, log_alpha, gamma, beta, ctx.full, ctx.causal, ctx.rule,
+                         dy, da1_out, da2_out)  # fmt: skip
         return (*grads, None, None, None)
 
 

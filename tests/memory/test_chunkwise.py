@@ -231,16 +231,28 @@ def test_inner_loop_runs_in_fp32_under_bf16_autocast():
     assert torch.isfinite(y).all()
 
 
-def test_compiled_chunk_step_matches_eager():
+def test_compiled_chunk_step_matches_eager(channelwise=False):
+    """Compiled: the hand-written backward's forward and backward functions (per-head gates), with gradients."""
     from miras.memory import chunkwise
 
     rule = RuleConfig(chunk_size=8)
-    x = memory_inputs(length=19, dtype=torch.float32)
-    args = [x[n] for n in ("q", "k", "v", "eta", "log_alpha")]
-    eager, _ = chunkwise_memory(*args, initial_state(x, 8), x["gamma"], x["beta"], rule)
+    x = memory_inputs(length=19, dtype=torch.float32, channelwise=channelwise)
+
+    def run():
+        leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
+        per_token = [leaves[n] for n in ("q", "k", "v", "eta", "log_alpha")]
+        state = initial_state(leaves, 8, channelwise)
+        y, state = chunkwise_memory(*per_token, state, leaves["gamma"], leaves["beta"], rule)
+        loss = (y * y).sum() + state.a1.sum() + state.a2.sum()
+        return y.detach(), torch.autograd.grad(loss, list(leaves.values()))
+
+    eager, eager_grads = run()
     chunkwise.compile_chunk_step()
     try:
-        compiled, _ = chunkwise_memory(*args, initial_state(x, 8), x["gamma"], x["beta"], rule)
+        compiled, compiled_grads = run()
     finally:
         chunkwise.compile_chunk_step(False)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    for name, c, e in zip(NAMES, compiled_grads, eager_grads):  # fp32 rounding, relative to each gradient's size
+        scale = e.abs().max()
+        torch.testing.assert_close(c / scale, e / scale, rtol=0, atol=1e-4, msg=name)
