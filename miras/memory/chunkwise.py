@@ -1,10 +1,11 @@
 """The training path: MONETA's memory over a whole sequence, chunk by chunk in the dual form.
 
 Within a chunk every token's read is one batched contraction (no per-token weights); across
-chunks the accumulators recur. Each chunk step runs under activation checkpointing, so the
-backward keeps only the chunk-boundary accumulators and recomputes the rest of a chunk when
-autograd reaches it: the mixer's activation memory is B*H*(T/b)*2*d_h*m floats, not a multiple
-of the per-chunk intermediates.
+chunks the accumulators recur. Each chunk step keeps only its inputs for the backward, which
+recomputes the rest of the chunk when autograd reaches it: the mixer's activation memory is
+B*H*(T/b)*2*d_h*m floats, not a multiple of the per-chunk intermediates. The backward is the
+hand-written one of chunk_backward.py; rules it does not cover run chunk_step under activation
+checkpointing and autograd differentiates it.
 
 Sequences may start inside an open chunk (the state's buffer) and rows may have masked tokens.
 Masked tokens do not advance a row's chunk position: the tokens of each row are compacted to
