@@ -121,6 +121,22 @@ def _layer_norm_input_grad(d_hat: torch.Tensor, z_hat: torch.Tensor, std: torch.
     return (d_hat - d_hat.mean(dim=-1, keepdim=True) - z_hat * (d_hat * z_hat).mean(dim=-1, keepdim=True)) / std
 
 
+def _gated_scores_backward(d_gated, weights, scale, scores, d_weights, d_scale):
+    """Through gated = D * -s * S (the read's (b, b) matrices): updated dD and ds, and dS."""
+    d_weighted = d_gated * weights
+    d_weights = d_weights + d_gated * -scale * scores
+    d_scale = d_scale - (d_weighted * scores).sum(dim=(-2, -1), keepdim=True)
+    return d_weights, d_scale, d_weighted * -scale
+
+
+def _decay_and_scale_backward(d_out, x, scale, query_decay, d_query_decay, d_scale):
+    """Through out = x * (Q_t * s) (rows scaled by query decay and l_q scalar): updated dQ and ds."""
+    row = (d_out * x).sum(-1)
+    d_query_decay = d_query_decay + row * scale[..., 0]
+    d_scale = d_scale + (row * query_decay).sum(-1)[..., None, None]
+    return d_query_decay, d_scale
+
+
 def _bt(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2)
 
@@ -162,8 +178,6 @@ def _chunk_backward(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, 
     # ---- commit: A' = Q_b A - grad^T (x * D[b]) ----
     last_w = weights[..., -1, :]
     total_decay = query_decay[..., -1][..., None, None]
-    da1_out = torch.zeros_like(a1) if da1_out is None else da1_out
-    da2_out = torch.zeros_like(a2) if da2_out is None else da2_out
     da1_keep, da2_keep = da1_out, da2_out
     if full is not None:
         keep = full[:, None, None, None]
@@ -186,45 +200,34 @@ def _chunk_backward(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, 
     d_last_w = -((d_kw * k).sum(-1) + (d_gzw * gz).sum(-1))
 
     # ---- read: y = q + LN(zq) ----
-    dq = dy.clone() if dy is not None else torch.zeros_like(q)
+    dq = dy.clone()  # autograd materialises unused output gradients as zeros, so none is None
     d_gamma = torch.zeros_like(gamma)
     d_beta = torch.zeros_like(beta)
     d_s1 = torch.zeros_like(s1)
     d_s2 = torch.zeros_like(s2)
     d_qd = torch.zeros_like(query_decay)
     d_weights = torch.zeros_like(weights)
-    if dy is not None:
-        d_gamma = d_gamma + (dy * zq_hat).sum(dim=(0, 2), keepdim=True)
-        d_beta = d_beta + dy.sum(dim=(0, 2), keepdim=True)
-        d_zq = _layer_norm_input_grad(gamma * dy, zq_hat, std_q)
-        d_aq_out = d_zq * (qd * s1)  # d a_q
-        t = (d_zq * a_q).sum(-1)
-        d_qd = d_qd + t * s1[..., 0]
-        d_s1 = d_s1 + (t * query_decay).sum(-1)[..., None, None]
-        d_r = d_zq @ _bt(gz)  # (b, b)
-        d_gz = add_matmul(d_gz, _bt(r_neg), d_zq)
-        d_rw = d_r * weights
-        d_weights = d_weights + d_r * -s1 * s_aa
-        d_s1 = d_s1 - (d_rw * s_aa).sum(dim=(-2, -1), keepdim=True)
-        d_saa = d_rw * -s1
-        d_aq = add_matmul(d_aq_out @ a1, d_saa, act)
-        da1 = add_matmul(da1, _bt(d_aq_out), aq)
-        d_act = add_matmul(d_act, _bt(d_saa), aq)
-        d_hq = torch.ops.aten.gelu_backward(d_aq, hq)
-        d_p = d_hq @ _bt(gh)  # (b, b)
-        d_gh = add_matmul(d_gh, _bt(p_neg), d_hq)
-        d_pw = d_p * weights
-        d_weights = d_weights + d_p * -s2 * scores
-        d_s2 = d_s2 - (d_pw * scores).sum(dim=(-2, -1), keepdim=True)
-        d_scores = d_pw * -s2
-        d_qs = d_hq @ a2
-        da2 = add_matmul(da2, _bt(d_hq), qs)
-        dq = dq + d_qs * (qd * s2)
-        t = (d_qs * q).sum(-1)
-        d_qd = d_qd + t * s2[..., 0]
-        d_s2 = d_s2 + (t * query_decay).sum(-1)[..., None, None]
-        dq = add_matmul(dq, d_scores, k)
-        dk = add_matmul(dk, _bt(d_scores), q)
+    d_gamma = d_gamma + (dy * zq_hat).sum(dim=(0, 2), keepdim=True)
+    d_beta = d_beta + dy.sum(dim=(0, 2), keepdim=True)
+    d_zq = _layer_norm_input_grad(gamma * dy, zq_hat, std_q)
+    d_aq_out = d_zq * (qd * s1)  # d a_q
+    d_qd, d_s1 = _decay_and_scale_backward(d_zq, a_q, s1, query_decay, d_qd, d_s1)
+    d_r = d_zq @ _bt(gz)  # (b, b)
+    d_gz = add_matmul(d_gz, _bt(r_neg), d_zq)
+    d_weights, d_s1, d_saa = _gated_scores_backward(d_r, weights, s1, s_aa, d_weights, d_s1)
+    d_aq = add_matmul(d_aq_out @ a1, d_saa, act)
+    da1 = add_matmul(da1, _bt(d_aq_out), aq)
+    d_act = add_matmul(d_act, _bt(d_saa), aq)
+    d_hq = torch.ops.aten.gelu_backward(d_aq, hq)
+    d_p = d_hq @ _bt(gh)  # (b, b)
+    d_gh = add_matmul(d_gh, _bt(p_neg), d_hq)
+    d_weights, d_s2, d_scores = _gated_scores_backward(d_p, weights, s2, scores, d_weights, d_s2)
+    d_qs = d_hq @ a2
+    da2 = add_matmul(da2, _bt(d_hq), qs)
+    dq = dq + d_qs * (qd * s2)
+    d_qd, d_s2 = _decay_and_scale_backward(d_qs, q, s2, query_decay, d_qd, d_s2)
+    dq = add_matmul(dq, d_scores, k)
+    dk = add_matmul(dk, _bt(d_scores), q)
 
     # ---- anchor: the inner backward, differentiated ----
     d_gzw_full = torch.ops.aten.gelu_backward(d_gh, h)  # d (s1 gz A1)
