@@ -3,6 +3,9 @@
 Sources (`--dataset`):
 - `builtin`: the standard library's documentation (`pydoc_data.topics`, ships with Python), one
   document per topic, with the byte tokenizer by default: trains on a fresh machine, offline.
+- `python-source`: the standard library's own `.py` files (~12 MB, ~730 files, half of them over 8 KB),
+  one document per file: a long-document corpus that needs no download, where identifiers recur
+  thousands of bytes apart (what a recurrent memory is for). Byte tokenizer by default.
 - `synthetic:recall`: associative-recall sequences (key-value pairs, then queries); the labels
   mark only the answers, so the loss and the logged accuracy measure recall.
 - local files (`.txt`, `.jsonl`/`.json`, `.parquet`, or a glob of them): loaded through
@@ -34,6 +37,8 @@ import torch
 from .tokenizer import BYTE_TOKENIZER
 
 BUILTIN = "builtin"
+PYTHON_SOURCE = "python-source"
+OFFLINE_CORPORA = (BUILTIN, PYTHON_SOURCE)
 SYNTHETIC_RECALL = "synthetic:recall"
 FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 DEFAULT_HUB_DATASET = "HuggingFaceFW/fineweb-edu"
@@ -60,13 +65,38 @@ class DataConfig:
 
 def default_tokenizer_name(dataset: str) -> str:
     """The byte tokenizer for the offline sources, gpt2 (as the seed) for everything else."""
-    return BYTE_TOKENIZER if dataset in (BUILTIN, SYNTHETIC_RECALL) else "gpt2"
+    return BYTE_TOKENIZER if dataset in (*OFFLINE_CORPORA, SYNTHETIC_RECALL) else "gpt2"
 
 
 def builtin_documents() -> list[str]:
     import pydoc_data.topics
 
     return [text for _, text in sorted(pydoc_data.topics.topics.items())]
+
+
+# Folders of the standard library that are not the library itself: its tests (half the files, and
+# machine-generated data in places), third-party packages, bytecode caches.
+_NOT_STDLIB = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+
+
+def python_source_documents() -> list[str]:
+    """The `.py` files of this interpreter's standard library, one document per file.
+
+    The order is fixed by a hash of each file's path (not alphabetical), so the documents held out
+    for evaluation (the first ones) are spread over the library rather than all from one package.
+    The corpus is the running Python's: 3.11 and 3.12 differ slightly, so results name the version.
+    """
+    import hashlib
+    import sysconfig
+
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if name not in _NOT_STDLIB)
+        files += [os.path.relpath(os.path.join(folder, name), root) for name in names if name.endswith(".py")]
+    files.sort(key=lambda path: hashlib.sha256(Path(path).as_posix().encode()).hexdigest())
+    # A few files carry latin-1 bytes in comments; replacing them keeps every file a valid document.
+    return [Path(root, path).read_bytes().decode("utf-8", errors="replace") for path in files]
 
 
 def local_files(dataset: str) -> list[str] | None:
@@ -86,6 +116,8 @@ def open_documents(config: DataConfig):
 
     if config.dataset == BUILTIN:
         return datasets.Dataset.from_dict({"text": builtin_documents()}), False
+    if config.dataset == PYTHON_SOURCE:
+        return datasets.Dataset.from_dict({"text": python_source_documents()}), False
     files = local_files(config.dataset)
     try:
         if files is not None:

@@ -13,7 +13,7 @@ import time
 
 from .argtypes import byte_size, non_negative_float, non_negative_int, positive_float, positive_int
 from .configuration import MODEL_SIZES
-from .data import BUILTIN, DEFAULT_HUB_DATASET
+from .data import BUILTIN, DEFAULT_HUB_DATASET, PYTHON_SOURCE
 
 # The paper's token budgets (MIRAS Table 5 and text); also the cosine schedule's horizon.
 PAPER_TOKEN_BUDGET = {"xs": 100_000_000, "s": 15_000_000_000, "m": 15_000_000_000, "l": 30_000_000_000}
@@ -92,13 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset",
         "--dataset-name",
         default=DEFAULT_HUB_DATASET,
-        help=f"hub name, local file(s) (.txt/.jsonl/.parquet, globs), '{BUILTIN}' or 'synthetic:recall' "
-        f"(default {DEFAULT_HUB_DATASET})",
+        help=f"hub name, local file(s) (.txt/.jsonl/.parquet, globs), '{BUILTIN}' (stdlib docs), "
+        f"'{PYTHON_SOURCE}' (stdlib source files, long documents) or 'synthetic:recall' (default {DEFAULT_HUB_DATASET})",
     )
     add("--dataset-config", default=None, help="hub dataset configuration (default sample-10BT for the default)")
     add("--dataset-split", default="train")
     add("--text-field", default="text")
-    add("--tokenizer", "--tokenizer-name", default=None, help="name or path; default byte for builtin, else gpt2")
+    add("--tokenizer", "--tokenizer-name", default=None, help="name or path; default byte for the offline corpora, else gpt2")
     add("--data-source", default=None, choices=["random", "hf_buffer"], help="seed alias: random = random tokens")
     add("--eval-documents", type=non_negative_int, default=32, help="documents held out for evaluation")
     add("--eval-batches", type=positive_int, default=4)

@@ -3,8 +3,17 @@
 import json
 
 import pytest
+import torch
 
-from miras.data import DataConfig, DataError, PackedTokenStream, RecallStream, open_stream
+from miras.data import (
+    DataConfig,
+    DataError,
+    PackedTokenStream,
+    RecallStream,
+    default_tokenizer_name,
+    open_stream,
+    python_source_documents,
+)
 from miras.tokenizer import byte_tokenizer
 
 DOCS = [f"<doc {i:03d}> " + "lorem ipsum " * (i % 7 + 1) for i in range(60)]
@@ -100,6 +109,24 @@ def test_epochs_are_reshuffled_from_the_seed(tmp_path):
 def test_builtin_corpus_needs_no_download():
     s = open_stream(DataConfig(dataset="builtin", seq_len=64, batch_size=2), byte_tokenizer())
     assert s.next_batch()["input_ids"].max() < 257
+
+
+def test_python_source_corpus_is_long_documents_of_the_standard_library():
+    documents = python_source_documents()
+    assert len(documents) > 300
+    assert sum(len(d) >= 8192 for d in documents) > 100  # long enough for 4K-token windows and beyond
+    assert any("def " in d and "import " in d for d in documents[:10])
+    config = DataConfig(dataset="python-source", seq_len=256, batch_size=2, eval_documents=4)
+    assert default_tokenizer_name(config.dataset) == "byte"
+    train, held_out = open_stream(config, byte_tokenizer()), open_stream(config, byte_tokenizer(), evaluation=True)
+    first = train.next_batch()["input_ids"]
+    assert first.shape == (2, 256) and first.max() < 257
+    state = train.state_dict()
+    expected = train.next_batch()["input_ids"]
+    again = open_stream(config, byte_tokenizer())
+    again.load_state_dict(state)
+    assert torch.equal(again.next_batch()["input_ids"], expected)  # resumable like every finite corpus
+    assert not torch.equal(held_out.next_batch()["input_ids"], first)
 
 
 def test_recall_labels_only_the_answers():

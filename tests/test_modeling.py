@@ -219,3 +219,21 @@ def test_parameter_counts_are_in_the_papers_ranges():
     assert 120 <= millions["s"] <= 170
     assert 340 <= millions["m"] <= 420
     assert 760 <= millions["l"] <= 870
+
+
+def test_checkpoint_saved_before_the_current_defaults_loads_and_gives_the_same_logits():
+    """tests/data/moneta_v1_tiny was saved by the first released model (memory defaults of version 1).
+
+    Defaults have changed since; a saved config.json carries the values it was trained with, and
+    fields added later take the value that reproduces the old model when they are absent.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    folder = Path(__file__).parent / "data" / "moneta_v1_tiny"
+    expected = load_file(str(folder / "expected_logits.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        logits = model(expected["input_ids"]).logits
+    torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
