@@ -103,7 +103,11 @@ def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
                 recent = run.step_bpb[-args.log_every :]
                 curves[name].append({"step": step, "train_bpb": statistics.fmean(recent) if recent else None})
                 parts.append(f"{name} {curves[name][-1]['train_bpb']:.3f}")
-            print(f"seed {seed} step {step:5d}  train bpb  " + "  ".join(parts) + f"  ({time.perf_counter() - started:.0f} s)")
+            print(
+                f"seed {seed} step {step:5d}  train bpb  "
+                + "  ".join(parts)
+                + f"  ({time.perf_counter() - started:.0f} s)"
+            )
             sys.stdout.flush()
 
     result = {}

@@ -115,7 +115,10 @@ def train(model, args, log) -> list[dict]:
             share = sum(recent) / len(recent)
             recent = []
             curve.append({"step": step, "loss": loss.item(), "retrieved": share})
-            log(f"step {step:5d}  loss {loss.item():.3f}  retrieved {share:.3f}  ({time.perf_counter() - started:.0f} s)")
+            log(
+                f"step {step:5d}  loss {loss.item():.3f}  retrieved {share:.3f}  "
+                f"({time.perf_counter() - started:.0f} s)"
+            )
     return curve
 
 

@@ -93,12 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--dataset-name",
         default=DEFAULT_HUB_DATASET,
         help=f"hub name, local file(s) (.txt/.jsonl/.parquet, globs), '{BUILTIN}' (stdlib docs), "
-        f"'{PYTHON_SOURCE}' (stdlib source files, long documents) or 'synthetic:recall' (default {DEFAULT_HUB_DATASET})",
+        f"'{PYTHON_SOURCE}' (stdlib source files, long documents) or 'synthetic:recall' "
+        f"(default {DEFAULT_HUB_DATASET})",
     )
     add("--dataset-config", default=None, help="hub dataset configuration (default sample-10BT for the default)")
     add("--dataset-split", default="train")
     add("--text-field", default="text")
-    add("--tokenizer", "--tokenizer-name", default=None, help="name or path; default byte for the offline corpora, else gpt2")
+    add(
+        "--tokenizer",
+        "--tokenizer-name",
+        default=None,
+        help="name or path; default byte for the offline corpora, else gpt2",
+    )
     add("--data-source", default=None, choices=["random", "hf_buffer"], help="seed alias: random = random tokens")
     add("--eval-documents", type=non_negative_int, default=32, help="documents held out for evaluation")
     add("--eval-batches", type=positive_int, default=4)
