@@ -32,6 +32,12 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 
 
+# Fields added after checkpoints were first saved, with the value that gives the earlier model. A
+# saved config.json carries every field it knew (transformers writes them all), so an older file
+# lacks exactly these, and must not pick up a newer default.
+FIELDS_ADDED_LATER: dict[str, object] = {"value_norm": False}
+
+
 def _default_intermediate_size(hidden_size: int) -> int:
     """Llama's 8/3 * d rounded up to a multiple of 256."""
     return -(-int(8 * hidden_size / 3) // 256) * 256
@@ -68,6 +74,7 @@ class MonetaConfig(PreTrainedConfig):
         memory_gain_init_spread: float = 1.0,
         memory_out_init_scale: float = 1.0,
         memory_ln_eps: float = 1e-5,
+        value_norm: bool = False,
         detach_state_every: int = 0,
         memory_checkpoint_group: int = 0,
         norm_eps: float = 1e-6,
@@ -109,6 +116,11 @@ class MonetaConfig(PreTrainedConfig):
         # normaliser cancels the scale, so it changes nothing there.
         self.memory_out_init_scale = memory_out_init_scale
         self.memory_ln_eps = memory_ln_eps
+        # RMS-normalise each head's value before the memory, as q and k are L2-normalised: with p = 3
+        # a write grows as |v|^2, so an unnormalised v is a second, unbounded write strength that the
+        # outer loop inflates (|v| 0.5 -> 5-20 within a few hundred steps) until every token
+        # overwrites the memory. Normalised, the write strength is eta's alone (bench/RESULTS.md, recall).
+        self.value_norm = value_norm
         self.detach_state_every = detach_state_every
         # Chunks per outer checkpoint in the memory's backward (0 = one level: every chunk-boundary
         # state is kept). G > 1 keeps T / (chunk_size * G) + G states instead of T / chunk_size, for
@@ -125,6 +137,14 @@ class MonetaConfig(PreTrainedConfig):
             pad_token_id=pad_token_id,
             **kwargs,
         )
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> MonetaConfig:
+        """A saved config; fields it predates take the value that reproduces the model it was saved from."""
+        saved = dict(config_dict)
+        for field, value in FIELDS_ADDED_LATER.items():
+            saved.setdefault(field, value)
+        return super().from_dict(saved, **kwargs)
 
     @property
     def head_dim(self) -> int:
@@ -175,6 +195,7 @@ class MonetaConfig(PreTrainedConfig):
             "memory_gain_init_spread",
             "a number >= 1 (1 = every head starts at memory_gain_init)",
         )
+        need(isinstance(self.value_norm, bool), "value_norm", "true or false")
         need(number("memory_out_init_scale") > 0, "memory_out_init_scale", "a number > 0 (1 = ||A1_0||_q = 1)")
         need(
             self.inner_grad_clamp is None or number("inner_grad_clamp") > 0, "inner_grad_clamp", "None or a number > 0"

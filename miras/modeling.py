@@ -119,6 +119,8 @@ class MonetaMixer(nn.Module):
         self.conv_size = config.conv_size
         self.channelwise = config.channelwise_gates
         self.eta_max = config.eta_max
+        self.value_norm = config.value_norm
+        self.value_norm_eps = config.norm_eps
         d, heads, dh, width = config.hidden_size, config.num_heads, config.head_dim, config.memory_width
         self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
         self.conv = nn.Conv1d(3 * d, 3 * d, config.conv_size, groups=3 * d, bias=False)
@@ -186,12 +188,15 @@ class MonetaMixer(nn.Module):
         qkv, new_conv_state = self._causal_conv(qkv, conv_state)
         q, k, v = (t.view(batch, length, heads, dh).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
         q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+        v = v.float()
+        if self.value_norm:
+            v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.value_norm_eps)
         eta, log_alpha = self._gates(x)
 
         state = cache.memory_states[self.layer_idx] if cache is not None else None
         if state is None:
             state = MemoryState.initial(self.memory_a1, self.memory_a2, batch, self.rule.chunk_size, self.channelwise)
-        memory_args = (q, k, v.float(), eta, log_alpha, state, self.memory_ln_weight, self.memory_ln_bias, self.rule)
+        memory_args = (q, k, v, eta, log_alpha, state, self.memory_ln_weight, self.memory_ln_bias, self.rule)
         if length == 1 and cache is not None and not torch.is_grad_enabled():
             y, new_state = memory_step(*memory_args, mask=mask)
         else:
