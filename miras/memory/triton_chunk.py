@@ -46,9 +46,12 @@ like the torch path's matmuls on the same GPU.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .rule import RuleConfig
 
@@ -280,15 +283,15 @@ def _lq_direction_coefficient(d_scale, scale, peak, scaled_norm, Q: tl.constexpr
 def _anchor(k, v, ks, s1, gamma, beta, st1, st2, dcols, dmask,
             BT: tl.constexpr, BD: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
             P: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr, ABS_EPS: tl.constexpr,
-            LN_EPS: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+            LN_EPS: tl.constexpr, PRECISION: tl.constexpr, DT: tl.constexpr):  # fmt: skip
     """Pass over the m tiles: z = act A1^T; then LayerNorm, the l_p error and gz in registers."""
     z_raw = tl.zeros([BT, BD], ks.dtype)
     for j in range(0, M, BM):
         off1, mask1, off2, mask2 = _tile_offsets(j, dcols, dmask, D, M, BM)
         a1 = tl.load(st1 + off1, mask=mask1, other=0.0)
         a2 = tl.load(st2 + off2, mask=mask2, other=0.0)
-        act = _gelu(tl.dot(ks, tl.trans(a2), input_precision=PRECISION))
-        z_raw = tl.dot(act, tl.trans(a1), z_raw, input_precision=PRECISION)
+        act = _gelu(tl.dot(ks, tl.trans(a2), input_precision=PRECISION, out_dtype=DT))
+        z_raw = tl.dot(act, tl.trans(a1), z_raw, input_precision=PRECISION, out_dtype=DT)
     z_hat, std = _ln_stats(z_raw * s1, dmask, D, LN_EPS)
     err = k + gamma[None, :] * z_hat + beta[None, :] - v
     f_err = _lp_grad(err, P, SURROGATE, SHARP, ABS_EPS)
@@ -298,14 +301,14 @@ def _anchor(k, v, ks, s1, gamma, beta, st1, st2, dcols, dmask,
 
 
 @triton.jit
-def _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION: tl.constexpr):
+def _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION: tl.constexpr, DT: tl.constexpr):
     """One m tile of the anchor and the read: h, act, gz_w = s1 gz A1, gh, hq, aq."""
-    h = tl.dot(ks, tl.trans(a2), input_precision=PRECISION)
+    h = tl.dot(ks, tl.trans(a2), input_precision=PRECISION, out_dtype=DT)
     act = _gelu(h)
-    gz_w = tl.dot(gzs, a1, input_precision=PRECISION)
+    gz_w = tl.dot(gzs, a1, input_precision=PRECISION, out_dtype=DT)
     gh = gz_w * _gelu_grad(h)
-    hq = tl.dot(qs, tl.trans(a2), input_precision=PRECISION)
-    hq = tl.dot(p_neg, gh, hq, input_precision=PRECISION)
+    hq = tl.dot(qs, tl.trans(a2), input_precision=PRECISION, out_dtype=DT)
+    hq = tl.dot(p_neg, gh, hq, input_precision=PRECISION, out_dtype=DT)
     return h, act, gz_w, gh, hq, _gelu(hq)
 
 
@@ -322,7 +325,7 @@ def _forward_kernel(
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     P: tl.constexpr, Q: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr, ABS_EPS: tl.constexpr,
     LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr,
-    SAVE: tl.constexpr, WRITE_Y: tl.constexpr, PRECISION: tl.constexpr,
+    SAVE: tl.constexpr, WRITE_Y: tl.constexpr, PRECISION: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Chunks [c0, c1) of one (row, head); state slots: chunk-start states (SAVE) or two alternating."""
     pid = tl.program_id(0).to(tl.int64)
@@ -387,11 +390,11 @@ def _forward_kernel(
         ks = k * s2
         z_raw, z_hat, std, err, f_err, g, gz = _anchor(
             k, v, ks, s1, gamma, beta, cur1, cur2, dcols, dmask,
-            BT, BD, D, M, BM, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION,
+            BT, BD, D, M, BM, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION, DT,
         )  # fmt: skip
         gzs = gz * s1
         qs = q * (query_decay * s2)[:, None]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=DT)
         p_neg = weights * -s2 * scores
         minus_w = -last_w[:, None]
         k_w = k * minus_w
@@ -402,18 +405,18 @@ def _forward_kernel(
             off1, mask1, off2, mask2 = _tile_offsets(j, dcols, dmask, D, M, BM)
             a1 = tl.load(cur1 + off1, mask=mask1, other=0.0)
             a2 = tl.load(cur2 + off2, mask=mask2, other=0.0)
-            h, act, gz_w, gh, hq, aq = _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION)
+            h, act, gz_w, gh, hq, aq = _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION, DT)
             if WRITE_Y:
-                s_aa = tl.dot(aq, tl.trans(act), s_aa, input_precision=PRECISION)
-                a_q = tl.dot(aq, tl.trans(a1), a_q, input_precision=PRECISION)
+                s_aa = tl.dot(aq, tl.trans(act), s_aa, input_precision=PRECISION, out_dtype=DT)
+                a_q = tl.dot(aq, tl.trans(a1), a_q, input_precision=PRECISION, out_dtype=DT)
             # commit: A' = Q_b A - grad^T (x * D[b]); rows whose chunk is not full keep their anchor
-            new2 = tl.dot(tl.trans(gh), k_w, a2 * total_decay, input_precision=PRECISION)
-            new1 = tl.dot(tl.trans(gz_w_commit), act, a1 * total_decay, input_precision=PRECISION)
+            new2 = tl.dot(tl.trans(gh), k_w, a2 * total_decay, input_precision=PRECISION, out_dtype=DT)
+            new1 = tl.dot(tl.trans(gz_w_commit), act, a1 * total_decay, input_precision=PRECISION, out_dtype=DT)
             tl.store(nxt1 + off1, tl.where(full, new1, a1), mask=mask1)
             tl.store(nxt2 + off2, tl.where(full, new2, a2), mask=mask2)
         if WRITE_Y:
             r_neg = weights * -s1 * s_aa
-            zq = tl.dot(r_neg, gz, a_q * (query_decay * s1)[:, None], input_precision=PRECISION)
+            zq = tl.dot(r_neg, gz, a_q * (query_decay * s1)[:, None], input_precision=PRECISION, out_dtype=DT)
             zq_hat, _ = _ln_stats(zq, dmask, D, LN_EPS)
             y = q + gamma[None, :] * zq_hat + beta[None, :]
             _store_rows(y_ptr + seq, y, t0, rows, rmask, dcols, dmask, D)
@@ -442,7 +445,7 @@ def _backward_kernel(
     H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     P: tl.constexpr, Q: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr, ABS_EPS: tl.constexpr,
-    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, PRECISION: tl.constexpr,
+    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, PRECISION: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Chunks [c0, c1) from the last. da1/da2 hold the gradient of the state after chunk c1 - 1 on entry
     and of the state at chunk c0 on exit; dgamma/dbeta are accumulated into."""
@@ -499,11 +502,11 @@ def _backward_kernel(
         ks = k * s2
         z_raw, z_hat, std, err, f_err, g, gz = _anchor(
             k, v, ks, s1, gamma, beta, cur1, cur2, dcols, dmask,
-            BT, BD, D, M, BM, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION,
+            BT, BD, D, M, BM, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION, DT,
         )  # fmt: skip
         gzs = gz * s1
         qs = q * (query_decay * s2)[:, None]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=DT)
         p_neg = weights * -s2 * scores
         minus_w = -last_w[:, None]
         k_w = k * minus_w
@@ -521,14 +524,14 @@ def _backward_kernel(
             a2 = tl.load(cur2 + off2, mask=mask2, other=0.0)
             g1 = tl.load(da1 + off1, mask=mask1, other=0.0) * keep
             g2 = tl.load(da2 + off2, mask=mask2, other=0.0) * keep
-            h, act, gz_w, gh, hq, aq = _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION)
-            s_aa = tl.dot(aq, tl.trans(act), s_aa, input_precision=PRECISION)
-            a_q = tl.dot(aq, tl.trans(a1), a_q, input_precision=PRECISION)
-            d_kw = tl.dot(gh, g2, d_kw, input_precision=PRECISION)
-            d_gzw = tl.dot(act, tl.trans(g1), d_gzw, input_precision=PRECISION)
+            h, act, gz_w, gh, hq, aq = _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION, DT)
+            s_aa = tl.dot(aq, tl.trans(act), s_aa, input_precision=PRECISION, out_dtype=DT)
+            a_q = tl.dot(aq, tl.trans(a1), a_q, input_precision=PRECISION, out_dtype=DT)
+            d_kw = tl.dot(gh, g2, d_kw, input_precision=PRECISION, out_dtype=DT)
+            d_gzw = tl.dot(act, tl.trans(g1), d_gzw, input_precision=PRECISION, out_dtype=DT)
             d_total += tl.sum(tl.sum(g1 * a1, 1), 0) + tl.sum(tl.sum(g2 * a2, 1), 0)
         r_neg = weights * -s1 * s_aa
-        zq = tl.dot(r_neg, gz, a_q * (query_decay * s1)[:, None], input_precision=PRECISION)
+        zq = tl.dot(r_neg, gz, a_q * (query_decay * s1)[:, None], input_precision=PRECISION, out_dtype=DT)
         zq_hat, std_q = _ln_stats(zq, dmask, D, LN_EPS)
 
         # ---- the commit ----
@@ -544,8 +547,8 @@ def _backward_kernel(
         row = tl.sum(d_zq * a_q, 1)
         d_qd = row * s1
         d_s1 = tl.sum(row * query_decay, 0)
-        d_r = tl.dot(d_zq, tl.trans(gz), input_precision=PRECISION)
-        d_gz = tl.dot(tl.trans(r_neg), d_zq, d_gz, input_precision=PRECISION)
+        d_r = tl.dot(d_zq, tl.trans(gz), input_precision=PRECISION, out_dtype=DT)
+        d_gz = tl.dot(tl.trans(r_neg), d_zq, d_gz, input_precision=PRECISION, out_dtype=DT)
         d_weighted = d_r * weights
         d_weights = d_r * -s1 * s_aa
         d_s1 -= tl.sum(tl.sum(d_weighted * s_aa, 1), 0)
@@ -564,23 +567,23 @@ def _backward_kernel(
             a2 = tl.load(cur2 + off2, mask=mask2, other=0.0)
             g1_out = tl.load(da1 + off1, mask=mask1, other=0.0)
             g2_out = tl.load(da2 + off2, mask=mask2, other=0.0)
-            h, act, gz_w, gh, hq, aq = _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION)
-            d_gh = tl.dot(k_w, tl.trans(g2_out * keep), input_precision=PRECISION)
-            d_act = tl.dot(gz_wt, g1_out * keep, input_precision=PRECISION)
-            d_aq = tl.dot(d_aq_out, a1, input_precision=PRECISION)
-            d_aq = tl.dot(d_saa, act, d_aq, input_precision=PRECISION)
-            new1 = tl.dot(tl.trans(d_aq_out), aq, g1_out * through, input_precision=PRECISION)
-            d_act = tl.dot(tl.trans(d_saa), aq, d_act, input_precision=PRECISION)
+            h, act, gz_w, gh, hq, aq = _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION, DT)
+            d_gh = tl.dot(k_w, tl.trans(g2_out * keep), input_precision=PRECISION, out_dtype=DT)
+            d_act = tl.dot(gz_wt, g1_out * keep, input_precision=PRECISION, out_dtype=DT)
+            d_aq = tl.dot(d_aq_out, a1, input_precision=PRECISION, out_dtype=DT)
+            d_aq = tl.dot(d_saa, act, d_aq, input_precision=PRECISION, out_dtype=DT)
+            new1 = tl.dot(tl.trans(d_aq_out), aq, g1_out * through, input_precision=PRECISION, out_dtype=DT)
+            d_act = tl.dot(tl.trans(d_saa), aq, d_act, input_precision=PRECISION, out_dtype=DT)
             d_hq = d_aq * _gelu_grad(hq)
-            d_p = tl.dot(d_hq, tl.trans(gh), d_p, input_precision=PRECISION)
-            d_gh = tl.dot(tl.trans(p_neg), d_hq, d_gh, input_precision=PRECISION)
-            d_qs = tl.dot(d_hq, a2, d_qs, input_precision=PRECISION)
-            new2 = tl.dot(tl.trans(d_hq), qs, g2_out * through, input_precision=PRECISION)
+            d_p = tl.dot(d_hq, tl.trans(gh), d_p, input_precision=PRECISION, out_dtype=DT)
+            d_gh = tl.dot(tl.trans(p_neg), d_hq, d_gh, input_precision=PRECISION, out_dtype=DT)
+            d_qs = tl.dot(d_hq, a2, d_qs, input_precision=PRECISION, out_dtype=DT)
+            new2 = tl.dot(tl.trans(d_hq), qs, g2_out * through, input_precision=PRECISION, out_dtype=DT)
             # the anchor's gh = gelu'(h) * gz_w, differentiated in gz_w and in h
             d_gzw_full = d_gh * _gelu_grad(h)
             d_h = d_gh * gz_w * _gelu_second(h)
-            d_gzs = tl.dot(d_gzw_full, tl.trans(a1), d_gzs, input_precision=PRECISION)
-            new1 = tl.dot(tl.trans(gzs), d_gzw_full, new1, input_precision=PRECISION)
+            d_gzs = tl.dot(d_gzw_full, tl.trans(a1), d_gzs, input_precision=PRECISION, out_dtype=DT)
+            new1 = tl.dot(tl.trans(gzs), d_gzw_full, new1, input_precision=PRECISION, out_dtype=DT)
             tl.store(da1 + off1, new1, mask=mask1)
             tl.store(da2 + off2, new2, mask=mask2)
             tl.store(park_act + park, d_act, mask=park_mask)
@@ -593,8 +596,8 @@ def _backward_kernel(
         row = tl.sum(d_qs * q, 1)
         d_qd += row * s2
         d_s2 += tl.sum(row * query_decay, 0)
-        dq = tl.dot(d_scores, k, dq, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(d_scores), q, dk, input_precision=PRECISION)
+        dq = tl.dot(d_scores, k, dq, input_precision=PRECISION, out_dtype=DT)
+        dk = tl.dot(tl.trans(d_scores), q, dk, input_precision=PRECISION, out_dtype=DT)
 
         # ---- the anchor's LayerNorm and l_p backward, in registers ----
         d_gz += d_gzs * s1
@@ -626,18 +629,19 @@ def _backward_kernel(
             park_mask = mcols[None, :] < M
             a1 = tl.load(cur1 + off1, mask=mask1, other=0.0)
             a2 = tl.load(cur2 + off2, mask=mask2, other=0.0)
-            h = tl.dot(ks, tl.trans(a2), input_precision=PRECISION)
+            h = tl.dot(ks, tl.trans(a2), input_precision=PRECISION, out_dtype=DT)
             act = _gelu(h)
-            d_act = tl.dot(d_zr, a1, tl.load(park_act + park, mask=park_mask, other=0.0), input_precision=PRECISION)
+            d_act = tl.load(park_act + park, mask=park_mask, other=0.0)
+            d_act = tl.dot(d_zr, a1, d_act, input_precision=PRECISION, out_dtype=DT)
             d_h = tl.load(park_h + park, mask=park_mask, other=0.0) + d_act * _gelu_grad(h)
-            d_ks = tl.dot(d_h, a2, d_ks, input_precision=PRECISION)
+            d_ks = tl.dot(d_h, a2, d_ks, input_precision=PRECISION, out_dtype=DT)
             new1 = tl.load(da1 + off1, mask=mask1, other=0.0)
-            new1 = tl.dot(tl.trans(d_zr), act, new1, input_precision=PRECISION)
+            new1 = tl.dot(tl.trans(d_zr), act, new1, input_precision=PRECISION, out_dtype=DT)
             if Q != 2.0:
                 scaled = a1 / peak1
                 new1 += s1_norm * scaled * _pow(tl.abs(scaled), Q - 2.0)
             new2 = tl.load(da2 + off2, mask=mask2, other=0.0)
-            new2 = tl.dot(tl.trans(d_h), ks, new2, input_precision=PRECISION)
+            new2 = tl.dot(tl.trans(d_h), ks, new2, input_precision=PRECISION, out_dtype=DT)
             tl.store(da1 + off1, new1, mask=mask1)
             tl.store(da2 + off2, new2, mask=mask2)
         dk += d_ks * s2
@@ -697,68 +701,110 @@ def _matmul_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-class _Launch:
-    """Block sizes and the constexpr rule arguments shared by both kernels."""
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape of both kernels: hidden units per m tile, warps per program, pipeline stages.
 
-    def __init__(self, rule: RuleConfig, head_dim: int, width: int, dtype: torch.dtype):
-        self.block_m = min(64, _pow2(width))
-        self.num_warps = 8 if _pow2(head_dim) >= 64 else 4
-        self.meta = dict(
-            D=head_dim,
-            M=width,
-            CHUNK=rule.chunk_size,
-            BT=_pow2(rule.chunk_size),
-            BD=_pow2(head_dim),
-            BM=self.block_m,
-            P=float(rule.p),
-            Q=float(rule.q),
-            SURROGATE=bool(rule.uses_surrogate),
-            SHARP=float(rule.sign_sharpness),
-            ABS_EPS=float(rule.abs_eps),
-            LN_EPS=float(rule.ln_eps),
-            LQ_FLOOR=float(rule.lq_floor),
-            PRECISION=_matmul_precision(dtype),
-        )
+    Untuned: no GPU has run these kernels yet. num_stages = 1 keeps shared memory to the dot operands
+    (the state tiles come from L2; pipelining their loads is for after a measurement).
+    """
+
+    block_m: int = 64
+    num_warps: int = 8
+    num_stages: int = 1
 
 
-def _forward(inputs, a1, a2, chunks: tuple[int, int], rule: RuleConfig, save: bool, write_y: bool, y=None):
-    """Run chunks [c0, c1) from the state (a1, a2); returns (y, states1, states2, stats)."""
+def _tile_candidates(head_dim: int, width: int) -> list[Tiles]:
+    """Largest first; the next is tried when a launch runs out of registers or shared memory."""
+    block = min(64, _pow2(width))
+    first = Tiles(block, 8 if _pow2(head_dim) >= 64 else 4, 1)
+    return [first] + [Tiles(smaller, 4, 1) for smaller in (32, 16) if smaller < block]
+
+
+# (kernel, its constexpr arguments) -> the Tiles that launched: the fallback search runs once per shape.
+_LAUNCHED: dict[tuple, Tiles] = {}
+
+
+def _launch(name: str, kernel, grid: tuple, args: tuple, meta: dict, tiles: Tiles | None) -> None:
+    """kernel[grid](*args) with the given tiles, or the largest candidate that fits this GPU."""
+    key = (name, tuple(sorted(meta.items())))
+    if tiles is not None:
+        options = [tiles]
+    elif key in _LAUNCHED:
+        options = [_LAUNCHED[key]]
+    else:
+        options = _tile_candidates(meta["D"], meta["M"])
+    for index, option in enumerate(options):
+        block_m = max(16, min(option.block_m, _pow2(meta["M"])))
+        try:
+            kernel[grid](*args, BM=block_m, num_warps=option.num_warps, num_stages=option.num_stages, **meta)
+        except OutOfResources:
+            if index == len(options) - 1:
+                raise
+            continue
+        _LAUNCHED[key] = option
+        return
+
+
+def _meta(rule: RuleConfig, head_dim: int, width: int, heads: int, dtype: torch.dtype) -> dict:
+    """The constexpr arguments shared by both kernels."""
+    return dict(
+        H=heads,
+        D=head_dim,
+        M=width,
+        CHUNK=rule.chunk_size,
+        BT=_pow2(rule.chunk_size),
+        BD=_pow2(head_dim),
+        P=float(rule.p),
+        Q=float(rule.q),
+        SURROGATE=bool(rule.uses_surrogate),
+        SHARP=float(rule.sign_sharpness),
+        ABS_EPS=float(rule.abs_eps),
+        LN_EPS=float(rule.ln_eps),
+        LQ_FLOOR=float(rule.lq_floor),
+        PRECISION=_matmul_precision(dtype),
+        DT=tl.float64 if dtype == torch.float64 else tl.float32,  # tl.dot's accumulator (explicit for Triton < 3.6)
+    )
+
+
+def _forward(inputs, a1, a2, chunks, rule: RuleConfig, save: bool, write_y: bool, y=None, tiles=None):
+    """Run chunks [c0, c1) from the state (a1, a2); returns (y, states1, states2, stats, final slot)."""
     q, k, v, eta, log_alpha, gamma, beta, lengths = inputs
     batch, heads, length, head_dim = q.shape
     width = a1.shape[-1]
     c0, c1 = chunks
     slots = (c1 - c0 + 1) if save else 2
-    launch = _Launch(rule, head_dim, width, q.dtype)
     st1 = q.new_empty(batch, heads, slots, head_dim, width)
     st2 = q.new_empty(batch, heads, slots, width, head_dim)
     stats = q.new_ones(batch, heads, slots, 4)
     if y is None:
         y = torch.zeros_like(q)
-    _forward_kernel[(batch * heads,)](
+    args = (
         q, k, v, eta, log_alpha, gamma, beta, lengths, a1.contiguous(), a2.contiguous(), y, st1, st2, stats,
-        length, c0, c1, slots, H=heads, SAVE=save, WRITE_Y=write_y, num_warps=launch.num_warps, **launch.meta,
+        length, c0, c1, slots,
     )  # fmt: skip
-    last = (c1 - c0) if save else (c1 - c0) % 2
-    return y, st1, st2, stats, last
+    meta = dict(_meta(rule, head_dim, width, heads, q.dtype), SAVE=save, WRITE_Y=write_y)
+    _launch("forward", _forward_kernel, (batch * heads,), args, meta, tiles)
+    return y, st1, st2, stats, (c1 - c0) if save else (c1 - c0) % 2
 
 
-def _backward(inputs, dy, st1, st2, stats, da1, da2, d_gamma, d_beta, grads, chunks, rule: RuleConfig) -> None:
-    """Chunks [c0, c1) of the backward; da1, da2 in/out; d_gamma, d_beta (B, H, d_h) and grads accumulated."""
+def _backward(inputs, dy, states, da1, da2, d_gamma, d_beta, grads, chunks, rule: RuleConfig, tiles=None) -> None:
+    """Chunks [c0, c1) of the backward; da1, da2 in/out; d_gamma, d_beta (B, H, d_h) accumulated into."""
     q, k, v, eta, log_alpha, gamma, beta, lengths = inputs
+    st1, st2, stats = states
     batch, heads, length, head_dim = q.shape
     width = st1.shape[-1]
-    launch = _Launch(rule, head_dim, width, q.dtype)
-    scratch = q.new_empty(batch * heads, 2, launch.meta["BT"], width)
-    dq, dk, dv, d_eta, d_log_alpha = grads
-    _backward_kernel[(batch * heads,)](
+    meta = _meta(rule, head_dim, width, heads, q.dtype)
+    scratch = q.new_empty(batch * heads, 2, meta["BT"], width)
+    args = (
         q, k, v, eta, log_alpha, gamma, beta, lengths, dy, st1, st2, stats, da1, da2,
-        dq, dk, dv, d_eta, d_log_alpha, d_gamma, d_beta, scratch,
+        *grads, d_gamma, d_beta, scratch,
         length, chunks[0], chunks[1], st1.shape[2], rule.detach_state_every,
-        H=heads, num_warps=launch.num_warps, **launch.meta,
     )  # fmt: skip
+    _launch("backward", _backward_kernel, (batch * heads,), args, meta, tiles)
 
 
-def _forward_groups(inputs, a1, a2, rule: RuleConfig, save: bool):
+def _forward_groups(inputs, a1, a2, rule: RuleConfig, save: bool, tiles: Tiles | None):
     """The whole chunk sequence; returns y, the final state and what the backward needs.
 
     One launch, keeping every chunk-start state when `save`; with rule.checkpoint_group = G > 1 one
@@ -769,7 +815,8 @@ def _forward_groups(inputs, a1, a2, rule: RuleConfig, save: bool):
     y, starts, chunk_states = None, [], None
     for c0 in range(0, num_chunks, group):
         c1 = min(c0 + group, num_chunks)
-        y, st1, st2, stats, last = _forward(inputs, a1, a2, (c0, c1), rule, save and group >= num_chunks, True, y)
+        keep_all = save and group >= num_chunks
+        y, st1, st2, stats, last = _forward(inputs, a1, a2, (c0, c1), rule, keep_all, True, y, tiles)
         starts.append((a1, a2))
         if save and group >= num_chunks:
             chunk_states = (st1, st2, stats)
@@ -786,10 +833,10 @@ class TritonMemory(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: RuleConfig):
+    def forward(ctx, q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: RuleConfig, tiles: Tiles | None):
         inputs = tuple(t.contiguous() for t in (q, k, v, eta, log_alpha, gamma, beta)) + (lengths,)
-        y, a1_end, a2_end, group, starts, chunk_states = _forward_groups(inputs, a1, a2, rule, save=True)
-        ctx.rule, ctx.group, ctx.groups = rule, group, len(starts)
+        y, a1_end, a2_end, group, starts, chunk_states = _forward_groups(inputs, a1, a2, rule, True, tiles)
+        ctx.rule, ctx.group, ctx.groups, ctx.tiles = rule, group, len(starts), tiles
         ctx.a_shapes = (a1.shape, a2.shape)
         saved = [t for pair in starts for t in pair]
         ctx.save_for_backward(*inputs, *saved, *(chunk_states or ()))
@@ -815,24 +862,27 @@ class TritonMemory(torch.autograd.Function):
             c0 = index * group
             c1 = min(c0 + group, num_chunks)
             if ctx.groups == 1:
-                st1, st2, stats = rest[2:5]
+                states = rest[2:5]
             else:  # two-level recompute: this group's chunk states, from its saved start
-                _, st1, st2, stats, _ = _forward(inputs, *starts[index], (c0, c1), rule, True, False)
-            _backward(inputs, dy, st1, st2, stats, da1, da2, d_gamma, d_beta, grads, (c0, c1), rule)
-        return (*grads, da1, da2, d_gamma.sum(0), d_beta.sum(0), None, None)
+                _, *states, _ = _forward(inputs, *starts[index], (c0, c1), rule, True, False, tiles=ctx.tiles)
+            _backward(inputs, dy, states, da1, da2, d_gamma, d_beta, grads, (c0, c1), rule, ctx.tiles)
+        return (*grads, da1, da2, d_gamma.sum(0), d_beta.sum(0), None, None, None)
 
 
-def triton_memory(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: RuleConfig):
-    """Reads (B, H, N*b, d_h) and the final accumulators of the padded chunk sequence (see TritonMemory)."""
+def triton_memory(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: RuleConfig, tiles: Tiles | None = None):
+    """Reads (B, H, N*b, d_h) and the final accumulators of the padded chunk sequence (see TritonMemory).
+
+    tiles: a launch shape to use (benchmarks); default: the largest candidate that fits the GPU.
+    """
     if lengths is None:
         lengths = torch.full((q.shape[0],), q.shape[2], dtype=torch.long, device=q.device)
     lengths = lengths.to(torch.long).contiguous()
     tensors = (q, k, v, eta, log_alpha, a1, a2, gamma, beta)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return TritonMemory.apply(*tensors, lengths, rule)
+        return TritonMemory.apply(*tensors, lengths, rule, tiles)
     inputs = tuple(t.contiguous() for t in (q, k, v, eta, log_alpha, gamma, beta)) + (lengths,)
-    y, a1, a2, *_ = _forward_groups(inputs, a1, a2, rule, save=False)
+    y, a1, a2, *_ = _forward_groups(inputs, a1, a2, rule, False, tiles)
     return y, a1, a2
 
 
-__all__ = ["TritonMemory", "triton_memory"]
+__all__ = ["Tiles", "TritonMemory", "triton_memory"]
