@@ -312,6 +312,48 @@ def _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION: tl.constexpr, DT: tl.co
     return h, act, gz_w, gh, hq, _gelu(hq)
 
 
+@triton.jit
+def _program(len_ptr, gamma_ptr, beta_ptr, H: tl.constexpr, D: tl.constexpr, CHUNK: tl.constexpr,
+             BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+    """This program's (row, head): its index, the row's token count, index vectors, the LayerNorm affine."""
+    pid = tl.program_id(0).to(tl.int64)
+    head = pid % H
+    row_len = tl.load(len_ptr + pid // H)
+    rows = tl.arange(0, BT)
+    dcols = tl.arange(0, BD)
+    dmask = dcols < D
+    gamma = tl.load(gamma_ptr + head * D + dcols, mask=dmask, other=0.0)
+    beta = tl.load(beta_ptr + head * D + dcols, mask=dmask, other=0.0)
+    return pid, row_len, rows, rows < CHUNK, dcols, dmask, gamma, beta
+
+
+@triton.jit
+def _chunk_start(q_ptr, k_ptr, v_ptr, eta_ptr, la_ptr, seq, gates, n, rows, rmask, dcols, dmask,
+                 s1, s2, gamma, beta, cur1, cur2,
+                 BT: tl.constexpr, BD: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
+                 CHUNK: tl.constexpr, P: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr,
+                 ABS_EPS: tl.constexpr, LN_EPS: tl.constexpr, PRECISION: tl.constexpr, DT: tl.constexpr):  # fmt: skip
+    """Chunk n's inputs, decays and anchor (pass A), and the (b, *) operands every tile pass uses."""
+    t0 = n * CHUNK
+    q = _load_rows(q_ptr + seq, t0, rows, rmask, dcols, dmask, D)
+    k = _load_rows(k_ptr + seq, t0, rows, rmask, dcols, dmask, D)
+    v = _load_rows(v_ptr + seq, t0, rows, rmask, dcols, dmask, D)
+    eta = tl.load(eta_ptr + gates + t0 + rows, mask=rmask, other=0.0)
+    log_alpha = tl.load(la_ptr + gates + t0 + rows, mask=rmask, other=0.0)
+    decay, weights, query_decay, last_w, total_decay = _decays(log_alpha, eta, rows, CHUNK)
+    ks = k * s2
+    z_raw, z_hat, std, err, f_err, g, gz = _anchor(
+        k, v, ks, s1, gamma, beta, cur1, cur2, dcols, dmask,
+        BT, BD, D, M, BM, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION, DT,
+    )  # fmt: skip
+    qs = q * (query_decay * s2)[:, None]
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=DT)
+    p_neg = weights * -s2 * scores
+    minus_w = -last_w[:, None]
+    return (t0, q, k, decay, weights, query_decay, last_w, total_decay, ks, z_raw, z_hat, std, err, f_err, g, gz,
+            gz * s1, qs, scores, p_neg, minus_w)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 
@@ -328,20 +370,12 @@ def _forward_kernel(
     SAVE: tl.constexpr, WRITE_Y: tl.constexpr, PRECISION: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Chunks [c0, c1) of one (row, head); state slots: chunk-start states (SAVE) or two alternating."""
-    pid = tl.program_id(0).to(tl.int64)
-    head = pid % H
-    row_len = tl.load(len_ptr + pid // H)
-    rows = tl.arange(0, BT)
-    rmask = rows < CHUNK
-    dcols = tl.arange(0, BD)
-    dmask = dcols < D
+    pid, row_len, rows, rmask, dcols, dmask, gamma, beta = _program(len_ptr, gamma_ptr, beta_ptr, H, D, CHUNK, BT, BD)
     seq = pid * L * D
     gates = pid * L
     state_size = D * M
     st1 = st1_ptr + pid * NS * state_size
     st2 = st2_ptr + pid * NS * state_size
-    gamma = tl.load(gamma_ptr + head * D + dcols, mask=dmask, other=0.0)
-    beta = tl.load(beta_ptr + head * D + dcols, mask=dmask, other=0.0)
 
     # The incoming state into slot 0, and its l_q statistics.
     for j in range(0, M, BM):
@@ -378,25 +412,12 @@ def _forward_kernel(
         else:
             s1, s2 = one, one
 
-        t0 = n * CHUNK
-        q = _load_rows(q_ptr + seq, t0, rows, rmask, dcols, dmask, D)
-        k = _load_rows(k_ptr + seq, t0, rows, rmask, dcols, dmask, D)
-        v = _load_rows(v_ptr + seq, t0, rows, rmask, dcols, dmask, D)
-        eta = tl.load(eta_ptr + gates + t0 + rows, mask=rmask, other=0.0)
-        log_alpha = tl.load(la_ptr + gates + t0 + rows, mask=rmask, other=0.0)
-        decay, weights, query_decay, last_w, total_decay = _decays(log_alpha, eta, rows, CHUNK)
-        full = (n + 1) * CHUNK <= row_len
-
-        ks = k * s2
-        z_raw, z_hat, std, err, f_err, g, gz = _anchor(
-            k, v, ks, s1, gamma, beta, cur1, cur2, dcols, dmask,
-            BT, BD, D, M, BM, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION, DT,
+        (t0, q, k, decay, weights, query_decay, last_w, total_decay, ks, z_raw, z_hat, std, err, f_err, g, gz,
+         gzs, qs, scores, p_neg, minus_w) = _chunk_start(
+            q_ptr, k_ptr, v_ptr, eta_ptr, la_ptr, seq, gates, n, rows, rmask, dcols, dmask, s1, s2, gamma, beta,
+            cur1, cur2, BT, BD, D, M, BM, CHUNK, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION, DT,
         )  # fmt: skip
-        gzs = gz * s1
-        qs = q * (query_decay * s2)[:, None]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=DT)
-        p_neg = weights * -s2 * scores
-        minus_w = -last_w[:, None]
+        full = (n + 1) * CHUNK <= row_len
         k_w = k * minus_w
         gz_w_commit = gz * minus_w
         s_aa = tl.zeros([BT, BT], q.dtype)
@@ -449,13 +470,7 @@ def _backward_kernel(
 ):  # fmt: skip
     """Chunks [c0, c1) from the last. da1/da2 hold the gradient of the state after chunk c1 - 1 on entry
     and of the state at chunk c0 on exit; dgamma/dbeta are accumulated into."""
-    pid = tl.program_id(0).to(tl.int64)
-    head = pid % H
-    row_len = tl.load(len_ptr + pid // H)
-    rows = tl.arange(0, BT)
-    rmask = rows < CHUNK
-    dcols = tl.arange(0, BD)
-    dmask = dcols < D
+    pid, row_len, rows, rmask, dcols, dmask, gamma, beta = _program(len_ptr, gamma_ptr, beta_ptr, H, D, CHUNK, BT, BD)
     seq = pid * L * D
     gates = pid * L
     state_size = D * M
@@ -464,8 +479,6 @@ def _backward_kernel(
     # (b, m) scratch: the two (b, m) gradients pass C leaves for pass D, stored (BT, M) row-major.
     park_act = scratch_ptr + pid * 2 * BT * M
     park_h = park_act + BT * M
-    gamma = tl.load(gamma_ptr + head * D + dcols, mask=dmask, other=0.0)
-    beta = tl.load(beta_ptr + head * D + dcols, mask=dmask, other=0.0)
     d_gamma = tl.zeros([BD], gamma.dtype)
     d_beta = tl.zeros([BD], gamma.dtype)
     one = tl.full([], 1.0, gamma.dtype)
@@ -486,29 +499,16 @@ def _backward_kernel(
         else:
             s1, s2 = one, one
 
-        t0 = n * CHUNK
-        q = _load_rows(q_ptr + seq, t0, rows, rmask, dcols, dmask, D)
-        k = _load_rows(k_ptr + seq, t0, rows, rmask, dcols, dmask, D)
-        v = _load_rows(v_ptr + seq, t0, rows, rmask, dcols, dmask, D)
+        # ---- pass A: the anchor ----
+        (t0, q, k, decay, weights, query_decay, last_w, total_decay, ks, z_raw, z_hat, std, err, f_err, g, gz,
+         gzs, qs, scores, p_neg, minus_w) = _chunk_start(
+            q_ptr, k_ptr, v_ptr, eta_ptr, la_ptr, seq, gates, n, rows, rmask, dcols, dmask, s1, s2, gamma, beta,
+            cur1, cur2, BT, BD, D, M, BM, CHUNK, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION, DT,
+        )  # fmt: skip
         dy = _load_rows(dy_ptr + seq, t0, rows, rmask, dcols, dmask, D)
-        eta = tl.load(eta_ptr + gates + t0 + rows, mask=rmask, other=0.0)
-        log_alpha = tl.load(la_ptr + gates + t0 + rows, mask=rmask, other=0.0)
-        decay, weights, query_decay, last_w, total_decay = _decays(log_alpha, eta, rows, CHUNK)
         full = (n + 1) * CHUNK <= row_len
         keep = tl.where(full, one, 0.0)  # the commit's share of the incoming state gradient
         through = tl.where(full, total_decay, one)  # d A_in from d A_out, elementwise
-
-        # ---- pass A: the anchor ----
-        ks = k * s2
-        z_raw, z_hat, std, err, f_err, g, gz = _anchor(
-            k, v, ks, s1, gamma, beta, cur1, cur2, dcols, dmask,
-            BT, BD, D, M, BM, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION, DT,
-        )  # fmt: skip
-        gzs = gz * s1
-        qs = q * (query_decay * s2)[:, None]
-        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=DT)
-        p_neg = weights * -s2 * scores
-        minus_w = -last_w[:, None]
         k_w = k * minus_w
         gz_wt = gz * minus_w
 
@@ -555,6 +555,7 @@ def _backward_kernel(
         d_saa = d_weighted * -s1
 
         # ---- pass C: (b, m) tile gradients; the state gradient's read and commit terms ----
+        tl.debug_barrier()  # pass B's reads of the state gradient come before pass C overwrites it
         d_p = tl.zeros([BT, BT], q.dtype)
         d_qs = tl.zeros([BT, BD], q.dtype)
         d_gzs = tl.zeros([BT, BD], q.dtype)
