@@ -12,7 +12,7 @@ chunk (launches, not FLOPs, bound the torch path on a GPU). The state of a head 
 A2 (m x d_h), m = 4 d_h: 72 KiB (d_h = 48) to 512 KiB (d_h = 128) in fp32, more than one program's
 registers or shared memory hold. So the state lives in global memory (L2-resident at these sizes)
 and each pass over it streams column tiles of A1 with the matching row tiles of A2, BLOCK_M = 64 of
-the m hidden units at a time (`_tile`); everything else of a chunk stays in registers: the chunk's
+the m hidden units at a time (`_tile_offsets`); everything else of a chunk stays in registers: the chunk's
 (b, d_h) inputs and their anchor-side tensors, and the (b, b) decay, score and gradient matrices.
 Only the m axis is tiled because it is the only one that never needs a whole-axis reduction before
 the tile's work can continue: LayerNorm and the l_p error need whole d_h rows, the decay whole
