@@ -13,9 +13,16 @@ Choices MONETA.md leaves open, decided once here (see also README "Model choices
   (bench/RESULTS.md, language-model quality);
 - no positional encoding (the causal conv and the recurrence give order), SiLU after the conv,
   SiLU output gate, tied input/output embeddings, RMSNorm pre-norm blocks with a SwiGLU MLP.
+
+`memory_impl` picks what runs the memory's chunk sequence, not what it computes: "torch" (the
+reference), "triton" (fused kernels, `pip install 'miras[triton]'`; per-head gates without
+inner_grad_clamp, else the torch path with a warning) or "auto" (for now the torch path everywhere:
+the Triton path has not yet been measured on a GPU). miras/memory/dispatch.py has the rules.
 """
 
 from __future__ import annotations
+
+from .memory.dispatch import IMPLEMENTATIONS
 
 try:
     from transformers import PreTrainedConfig
@@ -77,6 +84,7 @@ class MonetaConfig(PreTrainedConfig):
         value_norm: bool = False,
         detach_state_every: int = 0,
         memory_checkpoint_group: int = 0,
+        memory_impl: str = "auto",
         norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = True,
@@ -126,6 +134,8 @@ class MonetaConfig(PreTrainedConfig):
         # state is kept). G > 1 keeps T / (chunk_size * G) + G states instead of T / chunk_size, for
         # one more forward of the memory: a memory/speed trade for long sequences (bench/RESULTS.md).
         self.memory_checkpoint_group = memory_checkpoint_group
+        # What runs the memory's chunk sequence (same function either way): see the module docstring.
+        self.memory_impl = memory_impl
         self.norm_eps = norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
@@ -184,6 +194,7 @@ class MonetaConfig(PreTrainedConfig):
             "memory_checkpoint_group",
             "an integer >= 0 (0 = keep every chunk-boundary state)",
         )
+        need(self.memory_impl in IMPLEMENTATIONS, "memory_impl", f"one of {', '.join(IMPLEMENTATIONS)}")
         need(number("eta_max") > 0, "eta_max", "a number > 0")
         need(0 < number("eta_init") < self.eta_max, "eta_init", f"a number in (0, eta_max={self.eta_max})")
         need(number("eta_init_spread") >= 1, "eta_init_spread", "a number >= 1 (1 = every head starts at eta_init)")

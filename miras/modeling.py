@@ -121,6 +121,7 @@ class MonetaMixer(nn.Module):
         self.eta_max = config.eta_max
         self.value_norm = config.value_norm
         self.value_norm_eps = config.norm_eps
+        self.config = config  # config.memory_impl, read at each call: what runs the chunk sequence (memory/dispatch.py)
         d, heads, dh, width = config.hidden_size, config.num_heads, config.head_dim, config.memory_width
         self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
         self.conv = nn.Conv1d(3 * d, 3 * d, config.conv_size, groups=3 * d, bias=False)
@@ -200,7 +201,7 @@ class MonetaMixer(nn.Module):
         if length == 1 and cache is not None and not torch.is_grad_enabled():
             y, new_state = memory_step(*memory_args, mask=mask)
         else:
-            y, new_state = chunkwise_memory(*memory_args, mask=mask)
+            y, new_state = chunkwise_memory(*memory_args, mask=mask, impl=self.config.memory_impl)
         if cache is not None:
             cache.conv_states[self.layer_idx] = new_conv_state
             cache.memory_states[self.layer_idx] = new_state

@@ -361,6 +361,8 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
     else:
         model = MonetaForCausalLM(model_config)
     model_config = model.config
+    if args.memory_impl is not None:  # what runs the memory, not what it computes: a resumed run may change it
+        model_config.memory_impl = args.memory_impl
     num_parameters = sum(p.numel() for p in model.parameters())
     if not args.no_grad_checkpoint:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable

@@ -14,6 +14,7 @@ import time
 from .argtypes import byte_size, non_negative_float, non_negative_int, positive_float, positive_int
 from .configuration import MODEL_SIZES
 from .data import BUILTIN, DEFAULT_HUB_DATASET, PYTHON_SOURCE
+from .memory.dispatch import IMPLEMENTATIONS
 
 # The paper's token budgets (MIRAS Table 5 and text); also the cosine schedule's horizon.
 PAPER_TOKEN_BUDGET = {"xs": 100_000_000, "s": 15_000_000_000, "m": 15_000_000_000, "l": 30_000_000_000}
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument_group("model").add_argument
     add("--model-size", default="xs", choices=list(MODEL_SIZES), help="size preset (default: xs)")
     add("--compile", action="store_true", help="torch.compile the memory's chunk step (the hot loop)")
+    add(
+        "--memory-impl",
+        default=None,
+        choices=list(IMPLEMENTATIONS),
+        help="what runs the memory: torch, triton (fused kernels, CUDA, pip install 'miras[triton]') or auto "
+        "(for now torch); the function is the same (default: the config's, auto for a new run)",
+    )
     add("--no-grad-checkpoint", action="store_true", help="disable block activation checkpointing (on by default)")
     add(
         "--moneta-detach-state-every",

@@ -83,6 +83,13 @@ def test_moneta_checkpoint_group_reaches_the_model_config(tmp_path):
     assert config["model_config"]["memory_checkpoint_group"] == 2
 
 
+def test_memory_impl_reaches_the_model_config(tmp_path):
+    args = [*TINY, "--max-steps", "1", "--memory-impl", "torch", "--output-dir", str(tmp_path), "--run-name", "i"]
+    assert main(args) == 0
+    config = json.loads((tmp_path / "i" / "config.json").read_text())
+    assert config["model_config"]["memory_impl"] == "torch"
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_bf16_and_fp32_both_run(tmp_path, precision):
     args = [*TINY, "--precision", precision, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "p"]

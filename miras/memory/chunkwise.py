@@ -10,6 +10,9 @@ checkpointing and autograd differentiates it.
 Sequences may start inside an open chunk (the state's buffer) and rows may have masked tokens.
 Masked tokens do not advance a row's chunk position: the tokens of each row are compacted to
 the front before chunking, so a left-padded row computes exactly what it computes alone.
+
+`impl` chooses what runs the chunk sequence once it is compacted and padded: this file's loop
+("torch") or the Triton kernels of triton_chunk.py ("triton"); dispatch.py has the rules.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .chunk_backward import ChunkStep, compile_functions, supports
+from .dispatch import select_impl
 from .rule import RuleConfig, chunk_step
 from .state import MemoryState
 
@@ -57,21 +61,24 @@ def chunkwise_memory(
     beta: torch.Tensor,
     rule: RuleConfig,
     mask: torch.Tensor | None = None,
+    impl: str = "torch",
 ) -> tuple[torch.Tensor, MemoryState]:
     """Memory reads for a segment and the state after it.
 
     q, k, v: (B, H, T, d_h); eta, log_alpha: (B, H, T) per-head or (B, H, T, d_h) channel-wise;
     gamma, beta: (H, d_h) LayerNorm affine of the memory; mask: (B, T) bool, False = padding.
+    impl: "torch", "triton" or "auto" (dispatch.py).
     Returns y (B, H, T, d_h) in the compute dtype (fp32, or fp64 for fp64 inputs) and the new state.
     """
     dtype = _compute_dtype(q)
+    impl = select_impl(impl, q.device, rule, eta.dim() == 4)
     with torch.autocast(device_type=q.device.type, enabled=False):
         return _chunkwise_memory(
-            *(t.to(dtype) for t in (q, k, v, eta, log_alpha)), state, gamma.to(dtype), beta.to(dtype), rule, mask
+            *(t.to(dtype) for t in (q, k, v, eta, log_alpha)), state, gamma.to(dtype), beta.to(dtype), rule, mask, impl
         )
 
 
-def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
+def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask, impl="torch"):
     batch, heads, length, head_dim = q.shape
     b = rule.chunk_size
     channelwise = eta.dim() == 4
@@ -110,12 +117,26 @@ def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
         q, k, v, eta, log_alpha = (_pad_time(t, pad) for t in (q, k, v, eta, log_alpha))
     if lengths is None and pad:
         lengths = torch.full((batch,), total, device=q.device, dtype=torch.long)
+    a1, a2 = state.a1.to(q.dtype), state.a2.to(q.dtype)
+    if impl == "triton":
+        from .triton_chunk import triton_memory  # imports triton: only when this path runs
+
+        y, a1, a2 = triton_memory(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule)
+    else:
+        y, a1, a2 = _torch_chunks(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, num_chunks)
+    return _finish(y, a1, a2, k, v, eta, log_alpha, lengths, total, prefix, inverse, valid, num_chunks, rule)
+
+
+def _torch_chunks(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, num_chunks):
+    """This file's chunk loop over the compacted, padded sequence: y and the final accumulators."""
+    batch, _, _, _ = q.shape
+    b = rule.chunk_size
     chunks = [_split_chunks(t, num_chunks) for t in (q, k, v, eta, log_alpha)]
 
     causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()
     gamma_b = gamma[None, :, None, :]
     beta_b = beta[None, :, None, :]
-    a1, a2 = state.a1.to(q.dtype), state.a2.to(q.dtype)
+    channelwise = eta.dim() == 4
     use_checkpoint = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, eta, log_alpha, a1, a2, gamma, beta)
     )
@@ -151,11 +172,18 @@ def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
         y = torch.cat(outputs, dim=2)
     else:
         y, a1, a2 = run_chunks(a1, a2, 0, num_chunks)
+    return y, a1, a2
+
+
+def _finish(y, a1, a2, k, v, eta, log_alpha, lengths, total, prefix, inverse, valid, num_chunks, rule):
+    """The new state (accumulators and open chunk) and the reads in the caller's order."""
+    batch = y.shape[0]
+    b = rule.chunk_size
 
     # 4. The new open chunk: tokens after each row's last full chunk.
-    row_len = lengths if lengths is not None else torch.full((batch,), total, device=q.device, dtype=torch.long)
+    row_len = lengths if lengths is not None else torch.full((batch,), total, device=y.device, dtype=torch.long)
     start = (row_len // b) * b
-    slots = torch.arange(b, device=q.device)
+    slots = torch.arange(b, device=y.device)
     index = (start[:, None] + slots[None, :]).clamp_max(num_chunks * b - 1)
     buffer_len = row_len - start
     keep = slots[None, :] < buffer_len[:, None]
