@@ -40,7 +40,6 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import miras
-from miras.memory.chunkwise import compile_chunk_step
 from miras.modeling import MonetaMixer
 
 SECTIONS = ("train", "memory", "mixer", "decode")
@@ -148,7 +147,6 @@ def train_step(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optim
 def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bool) -> dict:
     model = build_model(kind, args.seed, grad_checkpoint)
     model.train()
-    compile_chunk_step(args.compile and kind == "moneta")  # compiled on the warmup step, not timed
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(args.seed))
     for _ in range(args.warmup):
@@ -158,7 +156,6 @@ def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bo
         start = time.perf_counter()
         train_step(model, ids, optimizer)
         times.append(time.perf_counter() - start)
-    compile_chunk_step(False)
     n_params = dense_params(model)
     del model, optimizer
     gc.collect()

@@ -170,7 +170,7 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("memory_checkpoint_group", -1, "integer >= 0"),
         ("memory_gain_init_spread", 0.5, ">= 1"),
         ("memory_out_init_scale", 0.0, "> 0"),
-        ("memory_impl", "cuda", "one of auto, torch, triton"),
+        ("memory_impl", "cuda", "one of auto, torch, compiled, triton"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, accepted):

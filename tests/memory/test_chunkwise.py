@@ -74,7 +74,11 @@ def test_chunkwise_equals_token_loop(chunk_size, length, channelwise):
     torch.testing.assert_close(running[1], run_ref[1], **TOL)
     assert final.buffer_len.tolist() == [length % chunk_size] * 2
     for name, got, want in zip(NAMES, grads, grads_ref):
-        torch.testing.assert_close(got, want, **TOL, msg=lambda m, name=name: f"gradient of {name}: {m}")
+        # Relative to the gradient's size once it exceeds 1 (eta's reaches ~7e3 at chunk 1: 1e-10 is then ~100 ulp).
+        scale = want.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(
+            got / scale, want / scale, **TOL, msg=lambda m, name=name: f"gradient of {name}: {m}"
+        )
 
 
 def test_masked_tokens_are_skipped_and_do_not_count_toward_chunks():
@@ -203,7 +207,7 @@ def test_two_level_checkpointing_gives_the_same_outputs_and_gradients_and_keeps_
         state_bytes = []
 
         def pack(t, saved=state_bytes, shape=x["a1"].shape[-2:]):
-            if t.dim() == 4 and t.shape[-2:] == shape:  # a (B, H, d_h, m) accumulator
+            if t.dim() >= 4 and t.shape[-2:] == shape:  # (B, H, d_h, m) accumulators, one or stacked
                 saved.append(t.numel())
             return t
 
@@ -211,7 +215,7 @@ def test_two_level_checkpointing_gives_the_same_outputs_and_gradients_and_keeps_
             y, state = chunkwise_memory(
                 *(leaves[n] for n in args), initial_state(leaves, 8), leaves["gamma"], leaves["beta"], rule, mask
             )
-        kept = len(state_bytes)
+        kept = sum(state_bytes)
         grads = torch.autograd.grad(y.pow(2).sum() + state.a1.sum(), list(leaves.values()))
         results[group] = (y.detach(), state.a1.detach(), grads, kept)
     for got, want in zip(results[4][:2] + results[4][2], results[0][:2] + results[0][2]):
@@ -231,27 +235,21 @@ def test_inner_loop_runs_in_fp32_under_bf16_autocast():
     assert torch.isfinite(y).all()
 
 
-def test_compiled_chunk_step_matches_eager(channelwise=False):
-    """Compiled: the hand-written backward's forward and backward functions (per-head gates), with gradients."""
-    from miras.memory import chunkwise
-
+def test_compiled_memory_matches_eager():
+    """impl="compiled": the torch path's steps through torch.compile, with gradients (float32)."""
     rule = RuleConfig(chunk_size=8)
-    x = memory_inputs(length=19, dtype=torch.float32, channelwise=channelwise)
+    x = memory_inputs(length=19, dtype=torch.float32)
 
-    def run():
+    def run(impl):
         leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
         per_token = [leaves[n] for n in ("q", "k", "v", "eta", "log_alpha")]
-        state = initial_state(leaves, 8, channelwise)
-        y, state = chunkwise_memory(*per_token, state, leaves["gamma"], leaves["beta"], rule)
+        state = initial_state(leaves, 8)
+        y, state = chunkwise_memory(*per_token, state, leaves["gamma"], leaves["beta"], rule, impl=impl)
         loss = (y * y).sum() + state.a1.sum() + state.a2.sum()
         return y.detach(), torch.autograd.grad(loss, list(leaves.values()))
 
-    eager, eager_grads = run()
-    chunkwise.compile_chunk_step()
-    try:
-        compiled, compiled_grads = run()
-    finally:
-        chunkwise.compile_chunk_step(False)
+    eager, eager_grads = run("torch")
+    compiled, compiled_grads = run("compiled")
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
     for name, c, e in zip(NAMES, compiled_grads, eager_grads):  # fp32 rounding, relative to each gradient's size
         scale = e.abs().max()
