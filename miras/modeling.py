@@ -179,6 +179,16 @@ class MonetaMixer(nn.Module):
         # SiLU on the (B, T, C) layout: its backward on the transposed view is ~4x slower.
         return F.silu(out.transpose(1, 2).contiguous()), padded[..., padded.shape[-1] - tail :]
 
+    def read_memory(self, q, k, v, eta, log_alpha, state: MemoryState, mask: torch.Tensor | None, decoding: bool):
+        """Reads (B, H, T, d_h) and the new state: the one-token step when decoding, else the chunkwise path.
+
+        A method, so that a diagnostic can replace it on one model's mixers (miras.probes.memory_read_off).
+        """
+        args = (q, k, v, eta, log_alpha, state, self.memory_ln_weight, self.memory_ln_bias, self.rule)
+        if decoding:
+            return memory_step(*args, mask=mask)
+        return chunkwise_memory(*args, mask=mask, impl=self.config.memory_impl)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: MonetaCache | None) -> torch.Tensor:
         batch, length, d = x.shape
         heads, dh = self.num_heads, self.head_dim
@@ -197,11 +207,8 @@ class MonetaMixer(nn.Module):
         state = cache.memory_states[self.layer_idx] if cache is not None else None
         if state is None:
             state = MemoryState.initial(self.memory_a1, self.memory_a2, batch, self.rule.chunk_size, self.channelwise)
-        memory_args = (q, k, v, eta, log_alpha, state, self.memory_ln_weight, self.memory_ln_bias, self.rule)
-        if length == 1 and cache is not None and not torch.is_grad_enabled():
-            y, new_state = memory_step(*memory_args, mask=mask)
-        else:
-            y, new_state = chunkwise_memory(*memory_args, mask=mask, impl=self.config.memory_impl)
+        decoding = length == 1 and cache is not None and not torch.is_grad_enabled()
+        y, new_state = self.read_memory(q, k, v, eta, log_alpha, state, mask, decoding)
         if cache is not None:
             cache.conv_states[self.layer_idx] = new_conv_state
             cache.memory_states[self.layer_idx] = new_state
