@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import secrets
 import sys
@@ -13,21 +12,22 @@ from typing import Any
 
 import torch
 
+from .storage import is_secret_name
+from .storage.base import redact_word
+
 # Dense bf16 peak TFLOP/s for MFU; --peak-tflops overrides (and is needed on other hardware).
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "4090": 165.0}
-SECRET_PATTERN = re.compile(r"(key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
-
-
 def redact(value: Any, name: str = "") -> Any:
-    """Replace anything whose name looks like a secret by '***' (recursively through dicts and lists)."""
-    if name and SECRET_PATTERN.search(name) and value not in (None, "", False):
+    """`value` with secrets replaced by '***' (recursively through dicts and lists): anything under a secret's
+    name, `NAME=value` items naming one (storage options) and URL passwords (miras.storage's one list)."""
+    if name and is_secret_name(name) and value not in (None, "", False):
         return "***"
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v, name) for v in value]
-    if isinstance(value, str) and "=" in value and SECRET_PATTERN.search(value.split("=", 1)[0]):
-        return value.split("=", 1)[0] + "=***"  # key=value storage options
+    if isinstance(value, str):
+        return redact_word(value)
     return value
 
 

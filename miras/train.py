@@ -446,11 +446,11 @@ def train(args) -> int:  # noqa: C901 - the recipe reads top to bottom on purpos
             flush=True,
         )
 
+    from .checkpoint.retention import KEEP_ALL, RetentionPolicy
+
     committer = CheckpointCommitter(
         ckpt_dir,
-        keep_last=args.ckpt_keep_last,
-        keep_milestones=args.ckpt_keep_milestones,
-        prune_enabled=not args.no_ckpt_prune,
+        KEEP_ALL if args.no_ckpt_prune else RetentionPolicy(args.ckpt_keep_last, args.ckpt_keep_milestones),
         weights_only_milestones=args.milestone_weights_only,
         weights_bf16=args.milestone_weights_bf16 and topology.node == 0,  # other nodes hold no weights
         log=lambda m: print(f"miras train: {m}", flush=True),

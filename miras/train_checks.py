@@ -12,7 +12,8 @@ import shutil
 from pathlib import Path
 
 from .checkpoint import layout
-from .checkpoint.files import read_latest, write_text_atomic
+from .checkpoint.files import write_text_atomic
+from .checkpoint.latest import read_latest
 from .checkpoint.manifest import verify_folder
 from .checkpoint.trainer_state import TRAINER_STATE
 from .configuration import MonetaConfig

@@ -31,20 +31,22 @@ def start_syncer(args, run_dir: Path, node: int | None = None):
     checkpoint is complete only once every node's files are up)."""
     if not args.sync_to:
         return None
-    from .storage import StorageError, Syncer, drive_cap_warning, estimated_daily_bytes
+    from .checkpoint.retention import KEEP_ALL, RetentionPolicy
+    from .checkpoint.sync import Syncer, drive_cap_warning, estimated_daily_bytes
+    from .storage import StorageError
 
     keep_last = args.remote_keep_last if args.remote_keep_last is not None else args.ckpt_keep_last
     keep_milestones = args.remote_keep_milestones
     if keep_milestones is None:
         keep_milestones = args.ckpt_keep_milestones
+    retention = KEEP_ALL if args.no_ckpt_prune else RetentionPolicy(keep_last, keep_milestones)
     try:
         syncer = Syncer(
             args.sync_to,
             args.run_name,
             run_dir,
             storage_options(args),
-            keep_last=None if args.no_ckpt_prune else keep_last,
-            keep_milestones=None if args.no_ckpt_prune else keep_milestones,
+            retention=retention,
             milestones_only=args.sync_milestones_only,
             node=node,
             max_retries=None if node is not None else 10,
@@ -80,7 +82,8 @@ def checkpoint_bytes_estimate(args) -> int:
 
 
 def pull_remote(args, run_dir: Path) -> Path | None:
-    from .storage import StorageError, pull_latest, run_url
+    from .checkpoint.remote import pull_latest, run_url
+    from .storage import StorageError
 
     options = storage_options(args)
     for url in args.sync_to:
@@ -98,23 +101,20 @@ def pull_remote(args, run_dir: Path) -> Path | None:
 def remote_candidates(args) -> list[tuple[str, str]]:
     """Complete remote checkpoints of this run as (destination URL, step folder name), in the order
     `pull_latest` tries them: per destination, the one remote `latest` names, then the others newest first."""
-    from .storage import find_remote_checkpoints, open_backend, read_remote_latest, run_url
+    from .checkpoint.remote import remote_candidates as candidates
+    from .checkpoint.remote import run_url
+    from .storage import open_backend
     from .storage.base import one_line, redact
 
     options = storage_options(args)
     found = []
     for url in args.sync_to:
         try:
-            backend = open_backend(run_url(url, args.run_name), options)
-            names = [key.rsplit("/", 1)[1] for _step, key in reversed(find_remote_checkpoints(backend))]
-            latest = read_remote_latest(backend)
+            names = candidates(open_backend(run_url(url, args.run_name), options))
         except Exception as error:
             reason = redact(one_line(error), options)
             print(f"miras train: warning: could not read {run_url(url, args.run_name)}: {reason}", flush=True)
             continue
-        if latest in names:
-            names.remove(latest)
-            names.insert(0, latest)
         found += [(url, name) for name in names]
     return found
 
@@ -122,10 +122,11 @@ def remote_candidates(args) -> list[tuple[str, str]]:
 def fetch_remote_checkpoint(args, run_dir: Path, url: str, name: str, run_files: bool) -> Path:
     """One remote checkpoint into this node's run folder, verified (files already here with the right sha256
     are kept), `latest` pointed at it; with `run_files`, metrics.jsonl too when it is missing here."""
-    from .checkpoint.files import checkpoints_dir, write_latest
+    from .checkpoint.files import checkpoints_dir
+    from .checkpoint.latest import write_latest
     from .checkpoint.layout import CHECKPOINTS_DIR
-    from .storage import download_checkpoint, open_backend, run_url
-    from .storage.remote import RUN_FILES
+    from .checkpoint.remote import RUN_FILES, download_checkpoint, run_url
+    from .storage import open_backend
 
     backend = open_backend(run_url(url, args.run_name), storage_options(args))
     ckpt_dir = checkpoints_dir(run_dir)
@@ -142,28 +143,27 @@ def fetch_remote_checkpoint(args, run_dir: Path, url: str, name: str, run_files:
 
 def download_explicit(url: str, ckpt_dir: Path, args, reuse_local: bool = False) -> Path:
     """--resume URL: the named remote checkpoint folder, downloaded and verified against its manifest."""
-    from .checkpoint.layout import parse_step
-    from .storage import StorageError, download_checkpoint
+    from .checkpoint.resolve import CheckpointNotFound, FetchFailed, resolve_checkpoint
 
-    parent, _, name = url.rstrip("/").rpartition("/")
-    if parse_step(name) is None:
-        raise TrainingStopped(f"--resume {url!r}: expected a URL ending in a step_XXXXXXXX checkpoint folder")
     try:
-        path = download_checkpoint(parent, name, ckpt_dir / name, storage_options(args), reuse_local=reuse_local)
-    except StorageError as error:
+        path = resolve_checkpoint(url, ckpt_dir, storage_options(args))
+    except CheckpointNotFound as error:
         raise TrainingStopped(f"--resume {url!r}: {error}") from None
+    except FetchFailed as error:
+        raise TrainingStopped(f"--resume: {error}", 1) from None
     check_checkpoint_argument(str(path), "--resume")
     return path
 
 
 def fetch_init_from(args, run_dir: Path) -> str:
-    from .storage import StorageError, download_checkpoint
+    from .checkpoint.resolve import CheckpointNotFound, FetchFailed, resolve_checkpoint
 
-    parent, _, name = args.init_from.rstrip("/").rpartition("/")
     try:
-        path = download_checkpoint(parent, name, run_dir / "init_from" / name, storage_options(args))
-    except StorageError as error:
+        path = resolve_checkpoint(args.init_from, run_dir / "init_from", storage_options(args))
+    except CheckpointNotFound as error:
         raise TrainingStopped(f"--init-from {args.init_from!r}: {error}") from None
+    except FetchFailed as error:
+        raise TrainingStopped(f"--init-from: {error}", 1) from None
     return str(path)
 
 

