@@ -19,7 +19,9 @@ from miras.checkpoint.catalog import committed
 
 TINY = ["--model-size", "xs", "--dataset", "builtin", "--seq-len", "32", "--batch-size", "2", "--device", "cpu"]
 TINY += ["--log-every", "1", "--eval-batches", "1", "--no-grad-checkpoint", "--lr", "3e-3", "--warmup-steps", "2"]
-BASE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ROOT = str(Path(__file__).resolve().parents[1])  # so that `-m tests.hooked_train` imports in every process
+BASE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": ROOT}  # fmt: skip
 
 
 def free_port() -> int:
@@ -28,17 +30,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(args, procs=1):
+def command(args, procs=1, hooks=()):
+    """`miras train ARGS` on `procs` processes; with `hooks` (tests/hooked_train.py options), the hooked one."""
+    module = ["-m", "tests.hooked_train", *hooks, "--"] if hooks else ["-m", "miras.train"]
     if procs == 1:
-        return [sys.executable, "-m", "miras.train", *args]
+        return [sys.executable, *module, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-            str(free_port()), "-m", "miras.train", *args]  # fmt: skip
+            str(free_port()), *module, *args]  # fmt: skip
 
 
-def run(args, procs=1, env=None, timeout=600):
+def run(args, procs=1, env=None, timeout=600, hooks=()):
     extra = {"ACCELERATE_USE_CPU": "1", "MIRAS_EXPECT_WORLD_SIZE": str(procs)} if procs > 1 else {}
     full_env = {**os.environ, **BASE_ENV, **extra, **(env or {})}
-    return subprocess.run(command(args, procs), capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run(command(args, procs, hooks), capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def record(folder):
+    return ("--record", str(folder))
 
 
 def losses(run_dir):
@@ -59,9 +67,7 @@ def assert_same_weights(a, b):
 def straight_and_resumed(tmp_path, procs, steps=6, kill_after_commit=2, extra=(), env=None):
     """N steps straight vs killed after the k-th commit then `--resume auto` to N."""
     common = [*TINY, *extra, "--max-steps", str(steps), "--ckpt-every-steps", "2", "--output-dir", str(tmp_path)]
-    straight = run(
-        [*common, "--run-name", "straight"], procs, {**(env or {}), "MIRAS_TEST_RECORD": str(tmp_path / "a")}
-    )
+    straight = run([*common, "--run-name", "straight"], procs, env, hooks=record(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = run(
         [*common, "--run-name", "resumed", "--resume", "auto"],
@@ -70,11 +76,7 @@ def straight_and_resumed(tmp_path, procs, steps=6, kill_after_commit=2, extra=()
     )
     assert killed.returncode != 0
     assert not (tmp_path / "resumed" / "finished").exists()
-    resumed = run(
-        [*common, "--run-name", "resumed", "--resume", "auto"],
-        procs,
-        {**(env or {}), "MIRAS_TEST_RECORD": str(tmp_path / "b")},
-    )
+    resumed = run([*common, "--run-name", "resumed", "--resume", "auto"], procs, env, hooks=record(tmp_path / "b"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step_{2 * kill_after_commit:08d}" in resumed.stdout
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # every per-step loss, with ==
@@ -115,13 +117,13 @@ def test_two_process_ddp_resume_is_bit_identical_and_another_world_size_is_refus
 
 def test_fsdp2_shards_parameters_matches_ddp_and_resumes_bit_identically(tmp_path):
     args = [*TINY, "--max-steps", "3", "--output-dir", str(tmp_path)]
-    ddp = run([*args, "--run-name", "ddp"], 2, {"MIRAS_TEST_RECORD": str(tmp_path / "ddp_rec")})
+    ddp = run([*args, "--run-name", "ddp"], 2, hooks=record(tmp_path / "ddp_rec"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    fsdp = run([*args, "--run-name", "fsdp", "--fsdp"], 2, {"MIRAS_TEST_RECORD": str(tmp_path / "fsdp_rec")})
+    fsdp = run([*args, "--run-name", "fsdp", "--fsdp"], 2, hooks=record(tmp_path / "fsdp_rec"))
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     for rank in (0, 1):
-        record = json.loads((tmp_path / "fsdp_rec" / f"rank{rank}.json").read_text())
-        assert record["world_size"] == 2 and record["sharded"] is True  # DTensor shards on each rank
+        recorded = json.loads((tmp_path / "fsdp_rec" / f"rank{rank}.json").read_text())
+        assert recorded["world_size"] == 2 and recorded["sharded"] is True  # DTensor shards on each rank
     ddp_losses, fsdp_losses = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert [s for s, _ in fsdp_losses] == [s for s, _ in ddp_losses]
     for (_, a), (_, b) in zip(ddp_losses, fsdp_losses):
@@ -258,7 +260,7 @@ def test_sigterm_checkpoints_exits_0_and_the_next_start_continues(tmp_path):
 
 def test_a_nan_stops_without_a_checkpoint_a_second_writer_is_refused_and_finished_is_written(tmp_path):
     common = [*TINY, "--ckpt-every-steps", "2", "--output-dir", str(tmp_path), "--run-name", "n"]
-    nan = run([*common, "--max-steps", "6"], env={"MIRAS_TEST_NAN_AT_STEP": "3"})
+    nan = run([*common, "--max-steps", "6"], hooks=("--nan-at-step", "3"))
     assert nan.returncode == 3 and "not finite at step 3" in nan.stderr and "step_00000002" in nan.stderr
     assert [f.name for f in committed(tmp_path / "n" / "checkpoints")] == ["step_00000002"]
     assert (tmp_path / "n" / "checkpoints" / "latest").read_text().strip() == "step_00000002"

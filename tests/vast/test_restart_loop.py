@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from miras.train_args import build_parser
+from miras.train.args import build_parser
 from tests.vast.helpers import clean_env, process_alive, run_script
 
 TRAIN_HELP = build_parser().format_help()  # exactly what `python -m miras.train --help` prints

@@ -11,9 +11,10 @@ import argparse
 import sys
 import time
 
-from .argtypes import byte_size, non_negative_float, non_negative_int, positive_float, positive_int
-from .configuration import MODEL_SIZES
-from .data import BUILTIN, DEFAULT_HUB_DATASET
+from ..argtypes import byte_size, non_negative_float, non_negative_int, positive_float, positive_int
+from ..configuration import MODEL_SIZES
+from ..data import BUILTIN, DEFAULT_HUB_DATASET
+from ..storage import StorageError, check_destination
 
 # The paper's token budgets (MIRAS Table 5 and text); also the cosine schedule's horizon.
 PAPER_TOKEN_BUDGET = {"xs": 100_000_000, "s": 15_000_000_000, "m": 15_000_000_000, "l": 30_000_000_000}
@@ -209,6 +210,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("arguments --resume and --init-from: pick one (resume continues a run, init-from starts one)")
     if args.gdrive_sync:
         args.sync_to.append(f"rclone://{args.gdrive_remote}/{args.gdrive_dir.strip('/')}")
+    try:
+        args.sync_to = [check_destination(url) for url in args.sync_to]
+    except StorageError as error:
+        parser.error(f"argument --sync-to: {error}")
     if args.run_name is None:
         args.run_name = time.strftime("%Y%m%d-%H%M%S") + f"-{args.model_size}"
     elif not args.run_name or "/" in args.run_name or args.run_name.startswith("."):
