@@ -1,5 +1,5 @@
-"""Training with --sync-to: remote resume on a fresh machine (bit-identical), a destination that is down,
-and a destination that fails the startup probe."""
+"""Training with --sync-to: remote resume on a fresh machine (bit-identical) once it takes the dead machine's
+lease over, a destination that is down, and a destination that fails the startup probe."""
 
 import json
 import shutil
@@ -22,9 +22,18 @@ def test_a_fresh_machine_resumes_from_the_remote_copy_bit_identically(tmp_path):
     assert json.loads((remote / "r" / "checkpoints" / remote_steps[-1] / "manifest.json").read_text())["files"]
     shutil.rmtree(tmp_path / "local" / "r")  # the instance and its disk are gone
 
-    resumed = run(synced)
+    # A new machine: the dead one's lease on the remote run is still fresh, so it is refused (exit 5, one
+    # line naming the holder) until the lease expires, or it is told to take over.
+    refused = run(synced)
+    assert refused.returncode == 5, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"miras train: error: --sync-to: {remote}/r is held by")
+    assert str(tmp_path / "local" / "r") in refused.stderr and "--takeover" in refused.stderr
+    assert not (tmp_path / "local" / "r" / "checkpoints").exists()  # nothing pulled before the lease was held
+    resumed = run([*synced, "--takeover"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "took over the lease" in resumed.stdout
     assert "pulled step_" in resumed.stdout and "resuming from step_" in resumed.stdout
+    assert not (remote / "r" / "lease.json").exists()  # released at the end
     assert losses(tmp_path / "local" / "r") == losses(tmp_path / "local" / "straight")
     assert "step_00000006" in [p.name for p in committed(remote / "r" / "checkpoints")]
     assert (remote / "r" / "checkpoints" / "latest").read_text().strip() == "step_00000006"

@@ -39,6 +39,7 @@ from .faults import fault_point
 from .files import checkpoints_dir, write_text_atomic
 from .latest import read_latest, write_latest
 from .layout import CHECKPOINTS_DIR, FINISHED_NAME, TRAINER_DIR, checkpoint_name
+from .lease import DEFAULT_TIMEOUT, LeaseHeld, owner_id
 from .lock import RunLock, RunLockedError
 from .manifest import verify_folder
 from .remote import RUN_FILES, download_checkpoint, pull_latest, remote_candidates, run_url
@@ -96,6 +97,8 @@ class CheckpointSettings:
     sync_milestones_only: bool = False
     sync_timeout: float = 600.0
     sync_optional: bool = False
+    takeover: bool = False  # take the destinations' leases even from a live holder
+    lease_timeout: float = DEFAULT_TIMEOUT
     checkpoint_bytes: int = 0  # an estimate, for the Drive upload-cap warning
     writes: bool = True  # False for a dry run: nothing is read or written
 
@@ -115,11 +118,12 @@ class Start:
 
 
 class StartRefused(Exception):
-    """The run cannot start as asked (one line; exit code 2 for a user's choice, 1 for a storage failure)."""
+    """The run cannot start as asked, in one line. `kind`: "usage" (the arguments or the run folder's state),
+    "storage" (a destination failed), "lease" (another machine holds the run at a destination), "disk_full"."""
 
-    def __init__(self, message: str, code: int = 2):
+    def __init__(self, message: str, kind: str = "usage"):
         super().__init__(message)
-        self.code = code
+        self.kind = kind
 
 
 class CheckpointError(Exception):
@@ -160,13 +164,13 @@ class Checkpointer:
     # -- the way back -------------------------------------------------------------------------------------
     def open(self, resume: str | None = None, init_from: str | None = None) -> Start:
         """Lock, probe the destinations, then find, fetch and verify what to start from (collective)."""
-        decision: dict[str, Any] = {"error": None, "code": 2, "resume": None, "finished": False}
+        decision: dict[str, Any] = {"error": None, "kind": "usage", "resume": None, "finished": False}
         if self.settings.writes:
             decision = self._open_node_local(resume) if self.topology.node_local else self._open_shared(resume)
         if decision["error"] or decision["finished"]:
             self._release()
         if decision["error"]:
-            raise StartRefused(decision["error"], decision["code"])
+            raise StartRefused(decision["error"], decision["kind"])
         start = Start(finished=decision["finished"], resume=Path(decision["resume"]) if decision["resume"] else None)
         if start.finished:
             return start
@@ -216,7 +220,12 @@ class Checkpointer:
         # Every rank learns rank 0's count of failures in a row, and waits here until the folder exists.
         reports = t.gather((problem, self._failures, self._disk_full, self._final_failure))
         self._failures, self._disk_full, self._final_failure = reports[0][1:]
-        self._stop_if_failing()
+        try:
+            self._stop_if_failing()
+        except CheckpointError:
+            if t.commits_here:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if not self._agreed(reports, step, milestone, final, tmp):
             return
         problem = self._attempt(lambda: self._write_rank_state(tmp, state["rank"]))
@@ -301,15 +310,15 @@ class Checkpointer:
         if not problems:
             return True
         rank, problem = problems[0]
-        where = f" (rank {rank})" if self.topology.world_size > 1 else ""
-        error = OSError(problem.removesuffix(" [disk full]") + where)
+        error = OSError(problem.removesuffix(" [disk full]"))
         if self.topology.commits_here:
             shutil.rmtree(tmp, ignore_errors=True)
-        self._count(step, milestone, final, error, disk_full=problem.endswith("[disk full]"))
+        self._count(step, milestone, final, error, disk_full=problem.endswith("[disk full]"), rank=rank)
         self._stop_if_failing()
         return False
 
-    def _count(self, step: int, milestone: bool, final: bool, error: BaseException | None, disk_full=None) -> None:
+    def _count(self, step: int, milestone: bool, final: bool, error: BaseException | None, disk_full=None,
+               rank: int | None = None) -> None:  # fmt: skip
         """Book one checkpoint's outcome; a failure is logged once, in one line."""
         if error is None:
             self._failures = self._disk_full = 0
@@ -320,13 +329,15 @@ class Checkpointer:
         self._retry_pending = True
         self._retry_milestone = self._retry_milestone or milestone
         name = checkpoint_name(step)
-        why = f"the disk is full ({self._free_space()})" if full else one_line(error)
-        kept = f"{self.latest_name()} stays the newest checkpoint" if read_latest(self.folder) else "no checkpoint yet"
+        where = f" on rank {rank}" if rank is not None and self.topology.world_size > 1 else ""
+        why = f"the disk is full{where} ({self._free_space()})" if full else f"{one_line(error)}{where}"
+        latest = read_latest(self.folder)
+        kept = f"{latest} stays the newest checkpoint" if latest else "there is no checkpoint yet"
         if final:
             self._final_failure = (f"the final checkpoint {name} was not saved: {why}; {kept}", full)
         if self.topology.main:
             then = "" if final else "; retrying at the next step"
-            self.log(f"warning: checkpoint {name} was not saved: {why}; removed {name}.tmp, {kept}{then}")
+            self.log(f"warning: checkpoint {name} was not saved: {why}; removed {name}.tmp; {kept}{then}")
 
     def _stop_if_failing(self) -> None:
         if self._failures < FAILURES_BEFORE_STOP:
@@ -375,7 +386,7 @@ class Checkpointer:
     # -- starting: find, fetch, verify --------------------------------------------------------------------
     def _open_shared(self, resume: str | None) -> dict[str, Any]:
         """One committer (rank 0) decides for every rank."""
-        decision: dict[str, Any] = {"error": None, "code": 2, "resume": None, "finished": False}
+        decision: dict[str, Any] = {"error": None, "kind": "usage", "resume": None, "finished": False}
         if self.topology.main:
             if resume == "auto" and (self.settings.run_dir / FINISHED_NAME).exists():
                 decision["finished"] = True
@@ -383,11 +394,12 @@ class Checkpointer:
                 try:
                     self.syncer = self._start_syncer()
                     self.lock.acquire()
+                    self._hold_leases()
                     remove_stale_tmp(self.folder)
                     found = self._find(resume)
                     decision["resume"] = str(found) if found else None
-                except (RunLockedError, StartRefused) as error:
-                    decision["error"], decision["code"] = str(error), getattr(error, "code", 2)
+                except (RunLockedError, StartRefused, OSError) as error:
+                    decision["error"], decision["kind"] = refusal(error)
         return self.topology.from_main(decision)
 
     def _find(self, resume: str | None) -> Path | None:
@@ -411,7 +423,7 @@ class Checkpointer:
         except CheckpointNotFound as error:
             raise StartRefused(f"--resume {source!r}: {error}") from None
         except FetchFailed as error:
-            raise StartRefused(f"--resume: {error}", 1) from None
+            raise StartRefused(f"--resume: {error}", "storage") from None
         check_resumable(path, source)
         return path
 
@@ -422,7 +434,7 @@ class Checkpointer:
         except CheckpointNotFound as error:
             raise StartRefused(f"--init-from {source!r}: {error}") from None
         except FetchFailed as error:
-            raise StartRefused(f"--init-from: {error}", 1) from None
+            raise StartRefused(f"--init-from: {error}", "storage") from None
         problems = verify_folder(path) if (path / "manifest.json").exists() else []
         if problems:
             raise StartRefused(f"--init-from {source!r} is not a valid checkpoint: {problems[0]}")
@@ -472,6 +484,23 @@ class Checkpointer:
         self.log(f"syncing to {shown} (under <url>/{s.run_name}/)")
         return syncer
 
+    def _hold_leases(self) -> None:
+        """The run's lease at every destination (the run's committer, rank 0, holds them for every node)."""
+        if self.syncer is None or not self.topology.main:
+            return
+        s = self.settings
+        try:
+            notes = self.syncer.hold_leases(owner_id(s.run_dir), s.takeover, s.lease_timeout)
+        except LeaseHeld as error:
+            raise StartRefused(f"--sync-to: {error}", "lease") from None
+        except StorageError as error:
+            if not s.sync_optional:
+                raise StartRefused(f"{error} (pass --sync-optional to train anyway)") from None
+            self.log(f"warning: {error}; training anyway (--sync-optional) without the lease")
+            return
+        for note in notes:
+            self.log(f"note: {note}")
+
     def _close_syncer(self) -> None:
         if self.syncer is None:
             return
@@ -511,16 +540,18 @@ class Checkpointer:
                 try:
                     self.syncer = self._start_syncer(node=t.node)
                     self.lock.acquire()
+                    self._hold_leases()
                     remove_stale_tmp(self.folder)
                     found = committed(self.folder)
                     mine["newest"] = found[-1].name if found else None
                 except (RunLockedError, StartRefused, OSError) as error:
-                    mine["error"] = self._on_node(error)
+                    message, mine["kind"] = refusal(error)
+                    mine["error"] = self._on_node(message)
         states = t.gather(mine)
-        decision: dict[str, Any] = {"error": None, "code": 2, "resume": None, "finished": states[0]["finished"]}
-        errors = [state["error"] for state in states if state["error"]]
+        decision: dict[str, Any] = {"error": None, "kind": "usage", "resume": None, "finished": states[0]["finished"]}
+        errors = [(state["error"], state.get("kind", "usage")) for state in states if state["error"]]
         if errors or decision["finished"]:
-            decision["error"] = errors[0] if errors else None
+            decision["error"], decision["kind"] = errors[0] if errors else (None, "usage")
             return decision
         try:
             if resume == "auto":
@@ -538,7 +569,7 @@ class Checkpointer:
                         "--resume auto to continue it, or choose another --run-name"
                     )
         except StartRefused as error:
-            decision["error"], decision["code"] = str(error), error.code
+            decision["error"], decision["kind"] = str(error), error.kind
         return decision
 
     def _on_node(self, error: Exception | str) -> str:
@@ -548,16 +579,16 @@ class Checkpointer:
         """`work()` on rank 0, or in node-local mode on each node's leader (collective): the first failure is
         raised on every rank, else rank 0's result is returned on every rank."""
         t = self.topology
-        result, error, code = None, None, 2
+        result, error, kind = None, None, "usage"
         if t.main or (t.node_local and t.leader):
             try:
                 result = work()
             except StartRefused as err:
-                error, code = self._on_node(err), err.code
+                error, kind = self._on_node(err), err.kind
             except Exception as err:  # the others must hear of it, or they would wait in the gather below
-                error, code = self._on_node(one_line(err)), 1
-        results = t.gather((result, error, code))
-        failed = [(error, code) for _, error, code in results if error]
+                error, kind = self._on_node(one_line(err)), "storage"
+        results = t.gather((result, error, kind))
+        failed = [(error, kind) for _, error, kind in results if error]
         if failed:
             raise StartRefused(*failed[0])
         return results[0][0]
@@ -609,6 +640,17 @@ class Checkpointer:
                 except FileNotFoundError:
                     pass
         return path
+
+
+def refusal(error: Exception) -> tuple[str, str]:
+    """(message, StartRefused kind) for what stopped a start on the committing rank."""
+    if isinstance(error, StartRefused):
+        return str(error), error.kind
+    if isinstance(error, OSError) and not isinstance(error, RunLockedError):
+        if is_disk_full(error):
+            return f"cannot write the run folder, the disk is full: {one_line(error)}", "disk_full"
+        return f"cannot write the run folder: {one_line(error)}", "usage"
+    return str(error), "usage"
 
 
 def check_resumable(path: Path, source: str) -> None:

@@ -28,14 +28,18 @@ def fault_point(name: str) -> None:
     spec = os.environ.get("MIRAS_TEST_FAULT")
     if not spec:
         return
+    actions = []
     for item in spec.split(","):
         where, _, rest = item.partition(":")
         point, _, rank = where.partition("/")
-        if point != name or (rank and rank != os.environ.get("RANK", "0")):
-            continue
-        action, _, nth = rest.partition("@")
-        _reached[item] += 1
-        if _reached[item] != int(nth or 1):
+        if point == name and (not rank or rank == os.environ.get("RANK", "0")):
+            action, _, nth = rest.partition("@")
+            actions.append((action, int(nth or 1)))
+    if not actions:
+        return
+    _reached[name] += 1  # once per arrival, whatever the number of items naming this point
+    for action, nth in actions:
+        if _reached[name] != nth:
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)

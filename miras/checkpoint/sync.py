@@ -37,6 +37,7 @@ from ..storage import StorageBackend, StorageError, check_destination, join_key,
 from ..storage.base import clean_key, one_line
 from .latest import read_latest, write_latest
 from .layout import CHECKPOINTS_DIR, MANIFEST_NAME, checkpoint_name, parse_step
+from .lease import DEFAULT_TIMEOUT, Lease, LeaseHeld
 from .manifest import NODES_KEY, ManifestError, read_manifest
 from .remote import run_url
 from .retention import KEEP_ALL, RetentionPolicy
@@ -94,6 +95,8 @@ class _Destination:
     superseded: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    lease: Lease | None = None  # held while this session writes the run there (see lease.py)
+    lost_to: str | None = None  # the holder that took the lease over: nothing more goes there
 
 
 class Syncer:
@@ -143,6 +146,7 @@ class Syncer:
         self._closing = False
         self._abort = threading.Event()
         self._last_error: str | None = None
+        self._heartbeat: threading.Thread | None = None
         self._destinations: list[_Destination] = []
         for url in dict.fromkeys(check_destination(url) for url in destinations):
             # Opening checks the scheme and options now (one-line StorageError), before training starts.
@@ -181,6 +185,62 @@ class Syncer:
                 local.unlink(missing_ok=True)
                 (self._scratch / (key + ".back")).unlink(missing_ok=True)
 
+    def hold_leases(self, owner: str, takeover: bool = False, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+        """Take the run's lease at every destination (LeaseHeld, one line, when another machine holds one),
+        then renew them every timeout/4 seconds until close(). Returns notes on leases taken over."""
+        notes, where = [], ""
+        try:
+            for dest in self._destinations:
+                # A backend of its own: the heartbeat must not wait behind (or share state with) an upload.
+                backend = open_backend(run_url(dest.url, self.run_name), self.options)
+                where = redact(run_url(dest.url, self.run_name), self.options)
+                lease = Lease(backend, owner, self.run_dir, timeout, where=where)
+                note = lease.acquire(takeover)
+                dest.lease = lease
+                notes += [note] if note else []
+        except LeaseHeld:
+            self._release_leases()
+            raise
+        except Exception as error:
+            self._release_leases()
+            raise StorageError(f"cannot take the lease at {where}: {redact(one_line(error), self.options)}") from None
+        self._heartbeat = threading.Thread(target=self._beat, args=(timeout / 4,), name="miras-lease", daemon=True)
+        self._heartbeat.start()
+        return notes
+
+    def _beat(self, interval: float) -> None:
+        while not self._abort.wait(interval):  # beats on while close() still uploads
+            for dest in self._destinations:
+                if dest.lease is None or dest.lost_to:
+                    continue
+                try:
+                    held = dest.lease.renew()
+                except Exception as error:  # the next beat tries again; the lease lasts `timeout`
+                    log.warning("sync %s: could not renew the lease: %s", dest.lease.where,
+                                redact(one_line(error), self.options))  # fmt: skip
+                    continue
+                if not held:
+                    self._lose(dest, dest.lease.holder())
+
+    def _lose(self, dest: _Destination, holder: str) -> None:
+        with self._lock:
+            dest.lost_to = holder
+            dest.queue.clear()
+            self._last_error = f"{dest.lease.where}: the lease was taken over by {holder}"
+            self._lock.notify_all()
+        log.error("sync %s: %s took the run over (--takeover); nothing more is uploaded there",
+                  dest.lease.where, holder)  # fmt: skip
+
+    def _release_leases(self) -> None:
+        for dest in self._destinations:
+            if dest.lease is not None and not dest.lost_to:
+                try:
+                    dest.lease.release()
+                except Exception as error:  # it expires by itself
+                    log.warning("sync %s: could not release the lease: %s", dest.lease.where,
+                                redact(one_line(error), self.options))  # fmt: skip
+            dest.lease = None
+
     def submit_checkpoint(self, folder: Path, step: int, milestone: bool, final: bool = False) -> None:
         """Queue a committed checkpoint folder (non-blocking)."""
         if self.milestones_only and not milestone and not final:
@@ -188,6 +248,8 @@ class Syncer:
         with self._lock:
             self._check_open()
             for dest in self._destinations:
+                if dest.lost_to:
+                    continue
                 kept = deque()
                 for job in dest.queue:
                     if isinstance(job, _CheckpointJob) and job.supersedable and job is not dest.busy:
@@ -205,6 +267,8 @@ class Syncer:
         with self._lock:
             self._check_open()
             for dest in self._destinations:
+                if dest.lost_to:
+                    continue
                 if not any(isinstance(j, _FileJob) and j.path == path and j is not dest.busy for j in dest.queue):
                     dest.queue.append(_FileJob(path))
             self._lock.notify_all()
@@ -232,9 +296,13 @@ class Syncer:
         self._abort.set()  # stragglers stop at their next step; a put in flight can't be interrupted
         with self._lock:
             self._lock.notify_all()
-            complete = all(not d.queue and not d.thread.is_alive() and not d.given_up for d in self._destinations)
+            complete = all(not d.queue and not d.thread.is_alive() and not d.given_up and not d.lost_to
+                           for d in self._destinations)  # fmt: skip
         if not complete:
             log.warning("sync: not everything went up: %s", self.unfinished())
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        self._release_leases()
         shutil.rmtree(self._scratch, ignore_errors=True)
         return complete
 
@@ -251,6 +319,8 @@ class Syncer:
                     parts.append(f"{' and '.join(what)} still to upload to {dest.url}")
                 if dest.given_up:
                     parts.append(f"{dest.given_up} upload(s) to {dest.url} given up after every retry")
+                if dest.lost_to:
+                    parts.append(f"{dest.url}: the run was taken over by {dest.lost_to}")
             if parts and self._last_error:
                 parts.append(f"the last failure: {self._last_error}")
         return "; ".join(parts) or "an upload was still running when the time ran out"
@@ -269,7 +339,7 @@ class Syncer:
             with self._lock:
                 while not dest.queue and not self._closing and not self._abort.is_set():
                     self._lock.wait()
-                if self._abort.is_set() or not dest.queue:
+                if self._abort.is_set() or not dest.queue or dest.lost_to:
                     return
                 job = dest.busy = dest.queue[0]
             try:

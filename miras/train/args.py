@@ -168,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sync-milestones-only", action="store_true", help="upload only milestones and the final checkpoint")
     add("--sync-timeout", type=non_negative_float, default=600.0, help="seconds to finish uploads at exit")
     add("--sync-optional", action="store_true", help="train even if a destination fails the startup probe")
+    add(
+        "--takeover",
+        action="store_true",
+        help="take the run over at the destinations even if another machine's lease on it is still live",
+    )
+    add(
+        "--lease-timeout",
+        type=positive_float,
+        default=300.0,
+        help="seconds after its last heartbeat that another machine's lease on the run expires (default 300)",
+    )
     add("--remote-keep-last", type=non_negative_int, default=None, help="default: --ckpt-keep-last")
     add("--remote-keep-milestones", type=non_negative_int, default=None, help="default: --ckpt-keep-milestones")
     add("--gdrive-sync", action="store_true", help="seed alias: --sync-to rclone://GDRIVE_REMOTE/GDRIVE_DIR")

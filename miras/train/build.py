@@ -228,6 +228,8 @@ def checkpoint_settings(args, run_dir: Path, node: int = 0) -> CheckpointSetting
         sync_milestones_only=args.sync_milestones_only,
         sync_timeout=args.sync_timeout,
         sync_optional=args.sync_optional,
+        takeover=args.takeover,
+        lease_timeout=args.lease_timeout,
         checkpoint_bytes=checkpoint_bytes_estimate(args),
         writes=not args.dry_run,
     )

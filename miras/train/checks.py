@@ -17,8 +17,11 @@ from ..configuration import MonetaConfig
 
 # 1: a failure a restart may fix; 2: bad arguments or a refused start (a restart cannot help); 3: the loss
 # diverged (a restart would replay it); 4: checkpoints cannot be written for lack of disk space (restart
-# only once space is freed). vast/run_loop.sh restarts on 1 alone.
-EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_DISK_FULL = 1, 2, 3, 4
+# only once space is freed); 5: another machine holds the run at a --sync-to destination (a later start
+# may find its lease expired). vast/run_loop.sh restarts at once on 1 only, and after a wait on 5.
+EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_DISK_FULL, EXIT_LEASE_HELD = 1, 2, 3, 4, 5
+START_REFUSED_EXIT = {"usage": EXIT_USAGE, "storage": EXIT_FAILED, "lease": EXIT_LEASE_HELD,
+                      "disk_full": EXIT_DISK_FULL}  # fmt: skip
 # Model fields a resumed run must share with its checkpoint (anything else may change).
 SHAPE_FIELDS = (
     "hidden_size",

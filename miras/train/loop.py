@@ -20,10 +20,12 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.checkpointer import Checkpointer, CheckpointError, StartRefused
+from ..checkpoint.commit import is_disk_full
 from ..checkpoint.layout import FINISHED_NAME
 from ..data import SYNTHETIC_RECALL, recall_accuracy
 from ..metrics import RunLogger, peak_memory_bytes, peak_tflops, start_wandb, training_flops_per_token, write_run_config
 from ..parallel import as_float, gradient_sync, reshard
+from ..storage.base import one_line
 from .args import parse_args
 from .build import (
     build_model,
@@ -38,6 +40,7 @@ from .checks import (
     EXIT_DISK_FULL,
     EXIT_DIVERGED,
     EXIT_FAILED,
+    START_REFUSED_EXIT,
     TrainingStopped,
     check_resume_compatible,
     log_changes,
@@ -65,6 +68,12 @@ def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
     except CheckpointError as error:
         print(f"miras train: error: {error}", file=sys.stderr, flush=True)
         return EXIT_DISK_FULL if error.disk_full else EXIT_FAILED
+    except OSError as error:
+        if not is_disk_full(error):
+            raise
+        print(f"miras train: error: the disk is full: {one_line(error)}; free space, then start again with --resume "
+              "auto", file=sys.stderr, flush=True)  # fmt: skip
+        return EXIT_DISK_FULL
     finally:
         _leave_process_group()
 
@@ -85,7 +94,7 @@ def train(args, hooks: Hooks | None = None) -> int:
     try:
         start = checkpointer.open(args.resume, args.init_from)
     except StartRefused as refused:
-        raise TrainingStopped(str(refused), refused.code) from None
+        raise TrainingStopped(str(refused), START_REFUSED_EXIT[refused.kind]) from None
     if start.finished:
         if main_process:
             say(f"{args.run_name}: already finished ({run_dir / FINISHED_NAME}); nothing to do")

@@ -138,3 +138,21 @@ def test_bf16_weights_only_milestones_load_with_from_pretrained_and_an_interrupt
     folder.rename(folder.with_name(folder.name + ".old.tmp"))
     remove_stale_tmp(tmp_path)
     assert verify_folder(folder) == []
+
+
+def test_resume_says_in_words_why_it_does_not_take_what_latest_names(tmp_path):
+    from miras.checkpoint.catalog import find_resumable
+
+    for step in (1, 2):
+        commit_fake(tmp_path, step, False)
+    (tmp_path / "latest").write_bytes(b"\x00\xffgarbage that is not a folder name")
+    said = []
+    assert find_resumable(tmp_path, warn=said.append).name == "step_00000002"
+    assert said == [f"{tmp_path / 'latest'} does not hold a checkpoint name; resuming from step_00000002, the "
+                    "newest valid checkpoint"]  # fmt: skip
+    commit_fake(tmp_path, 3, False)
+    (tmp_path / "step_00000003" / "model.safetensors").write_bytes(b"cut")
+    said.clear()
+    assert find_resumable(tmp_path, warn=said.append).name == "step_00000002"
+    assert "step_00000003: model.safetensors: size 3" in said[0]
+    assert "names step_00000003, which is not a valid checkpoint" in said[1]

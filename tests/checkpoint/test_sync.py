@@ -325,3 +325,22 @@ def test_node_0_stops_waiting_for_a_checkpoint_a_newer_one_supersedes(tmp_path):
     assert node1.close(timeout=20) and node0.close(timeout=20)
     assert remote_steps(str(remote / "r1")) == [4]
     assert node0._destinations[0].superseded == 1
+
+
+def test_a_refused_destination_leaves_no_temporary_folder(run_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for bad in (["", str(tmp_path / "ok")], [str(tmp_path / "ok"), "ftp://host/x"]):
+        with pytest.raises(StorageError):
+            Syncer(bad, "r1", run_dir)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_close_names_what_did_not_go_up_in_words(run_dir, tmp_path):
+    syncer = Syncer([f"testfs://{tmp_path}/remote"], "r1", run_dir, options={"down": "true"}, max_retries=0)
+    syncer.submit_checkpoint(make_checkpoint(run_dir, 1, milestone=True), 1, True)
+    assert syncer.close(timeout=10) is False
+    words = syncer.unfinished()
+    assert "given up after every retry" in words and "is down" in words and "None" not in words
