@@ -22,12 +22,16 @@ import time
 from collections import Counter
 
 _reached: Counter = Counter()
+_counted_for = [""]  # the spec the counts belong to: a new one starts them again (tests in one process)
 
 
 def fault_point(name: str) -> None:
     spec = os.environ.get("MIRAS_TEST_FAULT")
     if not spec:
         return
+    if spec != _counted_for[0]:
+        _reached.clear()
+        _counted_for[0] = spec
     actions = []
     for item in spec.split(","):
         where, _, rest = item.partition(":")
