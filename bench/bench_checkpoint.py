@@ -1,12 +1,12 @@
 """Checkpoint benchmark: how long the training loop is blocked by one checkpoint, and the background commit.
 
-For each size, a model and an AdamW with state (after one real step) go through exactly the calls of
-`miras.train`'s checkpoint(): the per-rank state file, the full model state copied to CPU memory, the
-sharded optimizer save started with DCP's async_save (its CPU staging is synchronous), and the commit
-handed to the background thread. "blocked" is the time until the loop could continue; "commit" is
-the background part (safetensors, tokenizer, optimizer files, fsync, sha256 manifest, rename, latest).
-The share of training time lost at a 300 s interval is blocked / 300; for l it is projected from the
-measured CPU-copy bandwidth (bytes of weights + optimizer state per blocked second).
+For each size, a model and an AdamW with state (after one real step) are checkpointed by the real
+`miras.checkpoint.Checkpointer`, exactly as training does: `save()` captures the trainer state, copies
+the full model state to CPU memory and starts the sharded optimizer save (DCP's async_save; its CPU
+staging is synchronous), then hands the commit to the background thread. "blocked" is the time save()
+takes (the loop waits that long); "commit" is the background part (safetensors, tokenizer, optimizer files,
+fsync, sha256 manifest, rename, latest). The share of training time lost at a 300 s interval is
+blocked / 300; for l it is projected from the measured CPU-copy bandwidth (bytes per blocked second).
 
     python bench/bench_checkpoint.py --sizes xs s --out bench/out/checkpoint.json
 """
@@ -27,21 +27,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from miras import MonetaConfig, MonetaForCausalLM, count_parameters  # noqa: E402
-from miras.checkpoint import layout  # noqa: E402
-from miras.checkpoint.commit import CheckpointCommitter  # noqa: E402
-from miras.checkpoint.trainer_state import (  # noqa: E402
-    SCHEDULER_STATE,
-    TRAINER_STATE,
-    capture_rng,
-    full_model_state,
-    rank_state_name,
-    save_optimizer,
-    save_weights,
-    write_json,
-)
+from miras.checkpoint.checkpointer import Checkpointer, CheckpointSettings  # noqa: E402
+from miras.checkpoint.retention import RetentionPolicy  # noqa: E402
 from miras.tokenizer import load_tokenizer  # noqa: E402
+from miras.train.state import TrainState  # noqa: E402
 
 INTERVAL = 300.0
+
+
+class Position:
+    """A data stream's resumable position, as the real streams keep it."""
+
+    def __init__(self):
+        self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
 
 
 def measure(size: str, vocab: int, repeats: int, folder: Path) -> dict:
@@ -49,34 +50,26 @@ def measure(size: str, vocab: int, repeats: int, folder: Path) -> dict:
     config = MonetaConfig.from_size(size, vocab_size=vocab)
     model = MonetaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     ids = torch.randint(0, vocab, (1, 64))
     model(ids, labels=ids).loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    committer = CheckpointCommitter(folder, keep_last=2, keep_milestones=0, log=lambda m: None)
+    state = TrainState(model, optimizer, scheduler, Position(), tokenizer, {"seq_len": 64})
+    settings = CheckpointSettings(run_dir=folder, run_name=folder.name, retention=RetentionPolicy(2, 0))
+    checkpointer = Checkpointer(settings, log=lambda message: None)
+    checkpointer.open()
     blocked, commits = [], []
     for step in range(1, repeats + 1):
+        state.step = step
         started = time.perf_counter()
-        committer.wait()
-        tmp = committer.tmp_dir(step)
-        (tmp / layout.TRAINER_DIR).mkdir(parents=True)
-        torch.save({"rng": capture_rng(), "data": {"position": step}}, tmp / rank_state_name(0))
-        weights = full_model_state(model)
-        future = save_optimizer(model, optimizer, tmp)
-        state = {"step": step}
-        scheduler_state = {"last_epoch": step}
-
-        def write(path: Path, weights=weights, state=state, scheduler_state=scheduler_state) -> None:
-            save_weights(path, weights, MonetaConfig.from_dict(config.to_dict()), tokenizer, "2GB")
-            write_json(path / TRAINER_STATE, state)
-            torch.save(scheduler_state, path / SCHEDULER_STATE)
-
-        committer.submit(step, False, write, wait_for=[future])
+        checkpointer.save(state, milestone=False)
         blocked.append(time.perf_counter() - started)
-        committer.wait()
-        commits.append(committer.last_commit_seconds)
-    last = committer.last_committed
+        checkpointer.wait()
+        commits.append(checkpointer.committer.last_commit_seconds)
+    last = checkpointer.committer.last_committed
     size_bytes = sum(p.stat().st_size for p in last.rglob("*") if p.is_file())
+    checkpointer.close()
     return {
         "size": size,
         "parameters": count_parameters(config)["total"],

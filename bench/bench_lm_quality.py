@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import inspect
 import json
 import math
@@ -40,7 +41,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import miras
-import miras.modeling as moneta_modeling
+from miras.probes import memory_read_off
 
 LN2 = math.log(2.0)
 HELD_OUT_FRACTION = 0.05
@@ -245,13 +246,13 @@ def main(argv=None) -> None:
     if args.eval_windows:
         windows = windows[: args.eval_windows]
 
-    if args.memory_read == "off":
-        # A module-level name: `import miras.modeling` here would make `miras` local to main().
-        moneta_modeling.chunkwise_memory = lambda q, k, v, eta, log_alpha, state, *rest, **kw: (q + 0 * v, state)
     moneta_cfg = moneta_config(args)
     llama_cfg, moneta_params, llama_params = matched_llama(moneta_cfg, args.seq_len)
     torch.manual_seed(args.seed)
     moneta = miras.MonetaForCausalLM(moneta_cfg).float()
+    ablation = contextlib.ExitStack()
+    if args.memory_read == "off":
+        ablation.enter_context(memory_read_off(moneta))  # for the whole run: the model is the ablation
     torch.manual_seed(args.seed)
     llama = LlamaForCausalLM(llama_cfg).float()
     runs = [Run("moneta", moneta, args), Run("llama", llama, args)]

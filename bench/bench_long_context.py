@@ -24,6 +24,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -32,12 +33,12 @@ from pathlib import Path
 
 import torch
 from bench_lm_quality import Run, matched_llama, parse_overrides
-from bench_recall import mixer_swapped
 from transformers import LlamaForCausalLM
 
 import miras
 from miras.data import PYTHON_SOURCE, DataConfig, open_documents, open_stream
 from miras.evaluation import LN2, POSITION_EDGES, evaluate_positions
+from miras.probes import memory_read_off
 from miras.tokenizer import byte_tokenizer
 
 MODEL = dict(vocab_size=257, hidden_size=128, num_hidden_layers=4, num_heads=4, intermediate_size=344)
@@ -58,14 +59,6 @@ def held_out_windows(seq_len: int, eval_documents: int, tokenizer, limit: int) -
     return torch.tensor(windows)
 
 
-class ReadOffRun(Run):
-    """A Run whose model computes with the memory read replaced by the query (forward and backward)."""
-
-    def train_step(self, ids, step):
-        with mixer_swapped("off"):
-            super().train_step(ids, step)
-
-
 def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
     config = miras.MonetaConfig(**{**MODEL, **parse_overrides(args.model_overrides)})
     llama_config, moneta_params, llama_params = matched_llama(config, args.seq_len)
@@ -73,9 +66,11 @@ def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
     moneta = miras.MonetaForCausalLM(config)
     read_off = miras.MonetaForCausalLM(config)
     read_off.load_state_dict(moneta.state_dict())
+    ablations = contextlib.ExitStack()
+    ablations.enter_context(memory_read_off(read_off))  # for the whole run: training and evaluation
     torch.manual_seed(seed)
     llama = LlamaForCausalLM(llama_config)
-    runs = {"moneta": Run("moneta", moneta, args), "moneta-read-off": ReadOffRun("moneta-read-off", read_off, args)}
+    runs = {"moneta": Run("moneta", moneta, args), "moneta-read-off": Run("moneta-read-off", read_off, args)}
     if not args.no_llama:
         runs["llama"] = Run("llama", llama, args)
     params = {"moneta": moneta_params, "moneta-read-off": moneta_params, "llama": llama_params}
@@ -112,9 +107,7 @@ def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
 
     result = {}
     for name, run in runs.items():
-        context = mixer_swapped("off") if name == "moneta-read-off" else _nothing()
-        with context:
-            positions = evaluate_positions(run.model, windows, args.eval_batch_size, POSITION_EDGES)
+        positions = evaluate_positions(run.model, windows, args.eval_batch_size, POSITION_EDGES)
         result[name] = {
             "params": params[name],
             "held_out_bpb": positions.mean() / LN2,
@@ -126,15 +119,8 @@ def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
         buckets = "  ".join(f"{k}: {v:.3f}" for k, v in result[name]["by_position_bpb"].items())
         print(f"seed {seed} {name:16s} held-out {result[name]['held_out_bpb']:.3f} bpb   {buckets}")
     sys.stdout.flush()
+    ablations.close()
     return result
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def parse_args(argv=None) -> argparse.Namespace:

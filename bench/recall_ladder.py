@@ -27,7 +27,12 @@ import math
 
 import torch
 import torch.nn.functional as F
-from bench_recall import train_recall
+
+from miras import MonetaConfig
+from miras.probes import train_recall
+
+# The model the ladder was measured with: hidden 64, 2 layers, 4 heads of 16, chunk 16.
+LADDER_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_heads=4, chunk_size=16, intermediate_size=128)
 
 
 def parse_args():
@@ -62,7 +67,7 @@ def ladder_memory(args, eta_max: float):
             out = args.gain * F.layer_norm(out, out.shape[-1:])
         return x + out if args.residual else out
 
-    def ladder(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask=None):
+    def ladder(q, k, v, eta, log_alpha, state, mask=None, decoding=False, keep_intermediates=False):
         batch, heads, length, dh = q.shape
         generator = torch.Generator().manual_seed(0)
         if args.mem == "linear":
@@ -92,16 +97,17 @@ def main() -> None:
     args = parse_args()
     # The gate starts where the session-5 runs had it (per-head eta 0.001-0.1 of the maximum).
     overrides = dict(eta_max=1.0, eta_init=0.01)
+    config = MonetaConfig(vocab_size=2 * args.keys + 1, **LADDER_MODEL, **overrides)
     result = train_recall(
-        ladder_memory(args, overrides["eta_max"]),
-        args.steps,
-        args.lr,
+        config,
+        memory=ladder_memory(args, overrides["eta_max"]),
+        steps=args.steps,
+        lr=args.lr,
         keys=args.keys,
         pairs=args.pairs,
         gap=args.gap,
         queries=args.queries,
         batch_size=args.batch_size,
-        model_overrides=overrides,
         cosine=False,
         log=print,
     )

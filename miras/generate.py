@@ -9,15 +9,10 @@ folder: `import miras` is all AutoModelForCausalLM, AutoTokenizer and `transform
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from .argtypes import positive_float, positive_int
-
-LATEST_NAME = "latest"
-CHECKPOINTS_DIR = "checkpoints"
-MANIFEST_NAME = "manifest.json"
 
 
 class GenerateError(ValueError):
@@ -28,85 +23,15 @@ class RemoteError(RuntimeError):
     """A storage failure while downloading (network, permissions): one line (exit 1)."""
 
 
-def is_url(text: str) -> bool:
-    return "://" in text and not text.startswith("file://")
-
-
-def is_model_folder(path: Path) -> bool:
-    """config.json and weights (a run folder also has a config.json: the training arguments)."""
-    weights = any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin"))
-    return (path / "config.json").is_file() and weights
-
-
-def resolve_checkpoint(path: Path) -> Path:
-    """The checkpoint folder for a checkpoint, run or checkpoints folder (the one `latest` names)."""
-    if path.is_file():
-        raise GenerateError(f"{str(path)!r} is a file (expected a checkpoint folder, a run folder or a storage URL)")
-    if not path.exists():
-        raise GenerateError(
-            f"{str(path)!r} does not exist (expected a checkpoint folder, a run folder or a storage URL)"
-        )
-    if is_model_folder(path):
-        return path
-    for checkpoints in (path / CHECKPOINTS_DIR, path):
-        latest = checkpoints / LATEST_NAME
-        if latest.is_file():
-            name = latest.read_text().strip()
-            if name and is_model_folder(checkpoints / name):
-                return checkpoints / name
-            raise GenerateError(f"{str(latest)!r} names {name!r}, which is not a checkpoint folder here")
-    raise GenerateError(
-        f"{str(path)!r} is not a checkpoint folder (expected a folder with config.json and weights, "
-        f"a run folder with checkpoints/{LATEST_NAME}, or a storage URL)"
-    )
-
-
 def verify_weights(folder: Path) -> None:
     """When the folder has a manifest, the files that loading reads must match it (sizes; trainer/ ignored)."""
+    from .checkpoint import MANIFEST_NAME, verify_folder
+
     if not (folder / MANIFEST_NAME).is_file():
         return
-    from .checkpoint import verify_folder
-
     problems = [p for p in verify_folder(folder, check_hashes=False) if not p.startswith("trainer/")]
     if problems:
         raise GenerateError(f"{str(folder)!r} is an incomplete checkpoint: {problems[0]} (expected a committed one)")
-
-
-def cache_folder(url: str, cache_dir: Path | None) -> Path:
-    """Where a URL's checkpoint lands: CACHE/<url made into one folder name>."""
-    root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "miras" / "checkpoints"
-    return root / re.sub(r"[^A-Za-z0-9._-]+", "_", url.rstrip("/")).strip("_")
-
-
-def download(url: str, cache_dir: Path | None, options: dict[str, str] | None = None) -> Path:
-    """A checkpoint or run folder URL -> a local checkpoint folder, downloaded through miras.storage and
-    verified against its manifest (sizes and sha256) before use. A folder already downloaded and intact is
-    reused (checkpoint folders never change under their name)."""
-    from .checkpoint import verify_folder
-    from .checkpoint.layout import CHECKPOINTS_DIR as CKPTS
-    from .storage import StorageError, open_backend
-    from .storage.base import one_line, redact
-    from .storage.remote import download_checkpoint, pull_latest, read_remote_latest
-
-    local = cache_folder(url, cache_dir)
-    try:
-        backend = open_backend(url, options)
-        keys = backend.list("")
-        if MANIFEST_NAME in keys:  # one checkpoint folder
-            if local.is_dir() and not verify_folder(local, check_hashes=False):
-                return local
-            return download_checkpoint(backend, "", local)
-        latest = read_remote_latest(backend)
-        if latest and not verify_folder(local / CKPTS / latest, check_hashes=False):
-            return local / CKPTS / latest
-        path = pull_latest(backend, local)
-    except StorageError as error:
-        raise GenerateError(redact(one_line(error), options)) from None
-    except Exception as error:  # a backend's own (network, permissions, missing plugin): one line
-        raise RemoteError(f"{url}: {redact(one_line(error), options)}") from None
-    if path is None:
-        raise GenerateError(f"{url!r}: no valid checkpoint here (expected a checkpoint folder or a run folder URL)")
-    return path
 
 
 def load(
@@ -121,12 +46,14 @@ def load(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from . import MonetaConfig  # noqa: F401  (registers "moneta" with the Auto classes)
+    from .checkpoint.resolve import CheckpointNotFound, FetchFailed, cache_folder, resolve_checkpoint
 
-    if is_url(path_or_url):
-        folder = download(path_or_url, cache_dir, storage_options)
-    else:
-        folder = Path(path_or_url.removeprefix("file://"))
-    folder = resolve_checkpoint(folder)
+    try:
+        folder = resolve_checkpoint(path_or_url, cache_folder(path_or_url, cache_dir), storage_options)
+    except CheckpointNotFound as error:
+        raise GenerateError(str(error)) from None
+    except FetchFailed as error:
+        raise RemoteError(str(error)) from None
     verify_weights(folder)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     if torch_dtype is None:  # auto: bf16 where the GPU has it, fp32 elsewhere
@@ -195,14 +122,13 @@ def _probability(text: str) -> float:
     return value
 
 
-def parse_storage_options(pairs: list[str]) -> dict[str, str]:
-    options = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip():
-            raise GenerateError(f"--storage-option {key!r}: expected KEY=VALUE")
-        options[key.strip()] = value
-    return options
+def storage_options(pairs: list[str]) -> dict[str, str]:
+    from .storage import StorageError, parse_options
+
+    try:
+        return parse_options(pairs)
+    except StorageError as error:
+        raise GenerateError(f"--storage-option: {error}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         device = pick_device(args.device)
-        options = parse_storage_options(args.storage_option)
+        options = storage_options(args.storage_option)
         model, tokenizer = load(
             args.checkpoint, device=device, dtype=args.dtype, cache_dir=args.cache_dir, storage_options=options
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import resource
 import secrets
 import sys
@@ -13,21 +12,22 @@ from typing import Any
 
 import torch
 
+from .storage import is_secret_name
+from .storage.base import redact_word
+
 # Dense bf16 peak TFLOP/s for MFU; --peak-tflops overrides (and is needed on other hardware).
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "4090": 165.0}
-SECRET_PATTERN = re.compile(r"(key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
-
-
 def redact(value: Any, name: str = "") -> Any:
-    """Replace anything whose name looks like a secret by '***' (recursively through dicts and lists)."""
-    if name and SECRET_PATTERN.search(name) and value not in (None, "", False):
+    """`value` with secrets replaced by '***' (recursively through dicts and lists): anything under a secret's
+    name, `NAME=value` items naming one (storage options) and URL passwords (miras.storage's one list)."""
+    if name and is_secret_name(name) and value not in (None, "", False):
         return "***"
     if isinstance(value, dict):
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v, name) for v in value]
-    if isinstance(value, str) and "=" in value and SECRET_PATTERN.search(value.split("=", 1)[0]):
-        return value.split("=", 1)[0] + "=***"  # key=value storage options
+    if isinstance(value, str):
+        return redact_word(value)
     return value
 
 
@@ -60,6 +60,7 @@ class RunLogger:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
         self.wandb_run = wandb_run
+        self.write_failed = False
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -71,8 +72,16 @@ class RunLogger:
             return
         row = {k: v for k, v in row.items() if v is not None}
         if self.path is not None:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            try:
+                with open(self.path, "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+            except OSError as error:  # a full disk: training goes on, the checkpoints decide whether it can
+                if not self.write_failed:
+                    print(f"miras train: warning: could not append to {self.path}: {error} (rows are skipped until "
+                          "it works again)", flush=True)  # fmt: skip
+                self.write_failed = True
+            else:
+                self.write_failed = False
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         summary = " ".join(_short(k, v) for k, v in row.items() if k in _SHOWN)
@@ -119,6 +128,8 @@ def start_wandb(args, run_dir: Path, config: dict[str, Any]):
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(8)
     id_file.write_text(run_id + "\n")
+    # wandb records this process's command line as the run's program arguments: secrets out of it first.
+    sys.argv[1:] = [redact_word(word) for word in sys.argv[1:]]
     run = wandb.init(
         project=args.wandb_project or os.environ.get("WANDB_PROJECT", "miras"),
         entity=args.wandb_entity or os.environ.get("WANDB_ENTITY"),

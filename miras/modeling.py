@@ -34,6 +34,30 @@ def _head_spread(heads: int, spread: float) -> torch.Tensor:
     return torch.logspace(-1.0, 1.0, heads, dtype=torch.float64).pow(math.log10(spread))
 
 
+def identity_memory(heads: int, head_dim: int, width: int, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial accumulators (A1, A2) with W1 gelu(W2 x) = x exactly, so that M_0(x) = x + LN(x).
+
+    gelu(t) - gelu(-t) = t for every t, so W2 = a [Q; -Q] and W1 = [Q^T, -Q^T] / a pass x through
+    the hidden layer unchanged whatever the scale a, with Q (width/2, d_h) a random matrix with
+    orthonormal columns (orthonormal rows when width/2 < d_h: the identity on a random subspace);
+    each head draws its own Q. Each matrix is scaled to ||A||_q = 1, so W_0 = A_0 (the LayerNorm
+    makes the read blind to the product of the scales). Why: the initial read is then the query
+    itself, the local context the language model learns first, whatever the memory's gain, where
+    a random A_0 made it a random function of the query that drowned that context.
+    """
+    half = width // 2
+    a1 = torch.zeros(heads, head_dim, width, dtype=torch.float64)
+    a2 = torch.zeros(heads, width, head_dim, dtype=torch.float64)
+    for head in range(heads):
+        basis, _ = torch.linalg.qr(torch.randn(max(half, head_dim), min(half, head_dim), dtype=torch.float64))
+        frame = basis if half >= head_dim else basis.T  # (half, d_h)
+        a2[head, :half], a2[head, half : 2 * half] = frame, -frame
+        a1[head, :, :half], a1[head, :, half : 2 * half] = frame.T, -frame.T
+    for acc in (a1, a2):
+        acc /= acc.abs().pow(q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / q)
+    return a1.float(), a2.float()
+
+
 class MonetaRMSNorm(nn.Module):
     def __init__(self, shape, eps: float):
         super().__init__()
@@ -120,7 +144,7 @@ class MonetaMixer(nn.Module):
         self.channelwise = config.channelwise_gates
         self.eta_max = config.eta_max
         self.value_norm = config.value_norm
-        self.value_norm_eps = config.norm_eps
+        self.value_norm_eps = config.value_norm_eps
         self.config = config  # config.memory_impl, read at each call: what runs the chunk sequence (memory/dispatch.py)
         d, heads, dh, width = config.hidden_size, config.num_heads, config.head_dim, config.memory_width
         self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
@@ -181,6 +205,30 @@ class MonetaMixer(nn.Module):
         # strides would differ between a prefill and a decoding step (one more graph under torch.compile).
         return F.silu(out.transpose(1, 2).contiguous()), padded[..., padded.shape[-1] - tail :].contiguous()
 
+    def read_memory(
+        self,
+        q,
+        k,
+        v,
+        eta,
+        log_alpha,
+        state: MemoryState,
+        mask: torch.Tensor | None,
+        decoding: bool,
+        keep_intermediates: bool = False,
+    ):
+        """Reads (B, H, T, d_h) and the new state: the one-token step when decoding, else the chunkwise path.
+
+        keep_intermediates: the chunkwise path keeps what its backward needs (the block is checkpointed and this is
+        its recompute, so the memory's forward runs twice per step, not three times).
+        A method, so that a diagnostic can replace it on one model's mixers (miras.probes.memory_read_off).
+        """
+        args = (q, k, v, eta, log_alpha, state, self.memory_ln_weight, self.memory_ln_bias, self.rule)
+        impl = self.config.memory_impl
+        if decoding:
+            return memory_step(*args, mask=mask, impl=impl)
+        return chunkwise_memory(*args, mask=mask, impl=impl, keep_intermediates=keep_intermediates)
+
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor | None, cache: MonetaCache | None, checkpointed: bool = False
     ) -> torch.Tensor:
@@ -202,13 +250,8 @@ class MonetaMixer(nn.Module):
         state = cache.memory_states[self.layer_idx] if cache is not None else None
         if state is None:
             state = MemoryState.initial(self.memory_a1, self.memory_a2, batch, self.rule.chunk_size, self.channelwise)
-        memory_args = (q, k, v, eta, log_alpha, state, self.memory_ln_weight, self.memory_ln_bias, self.rule)
-        impl = self.config.memory_impl
-        if length == 1 and cache is not None and not torch.is_grad_enabled():
-            y, new_state = memory_step(*memory_args, mask=mask, impl=impl)
-        else:
-            # Under block checkpointing the memory keeps its intermediates: the block's recompute is its second run.
-            y, new_state = chunkwise_memory(*memory_args, mask=mask, impl=impl, keep_intermediates=checkpointed)
+        decoding = length == 1 and cache is not None and not torch.is_grad_enabled()
+        y, new_state = self.read_memory(q, k, v, eta, log_alpha, state, mask, decoding, checkpointed)
         if cache is not None:
             cache.conv_states[self.layer_idx] = new_conv_state
             cache.memory_states[self.layer_idx] = new_state
@@ -265,12 +308,17 @@ class MonetaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MonetaRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, MonetaMixer):
-            # ||A_0||_q = 1 in expectation: sum |a|^q = N * E|a|^q with E|a|^4 = 3 sigma^4 for a normal,
-            # so W_0 = A_0 / ||A_0||_q^(q-2) = A_0 and the first reads are neither inflated nor squashed.
-            count = module.memory_a1[0].numel()
-            sigma = (1.0 / (3.0 * count)) ** 0.25
-            init.normal_(module.memory_a1, mean=0.0, std=sigma * config.memory_out_init_scale)
-            init.normal_(module.memory_a2, mean=0.0, std=sigma)
+            if config.memory_init == "identity":
+                a1, a2 = identity_memory(module.num_heads, module.head_dim, config.memory_width, config.q)
+                init.copy_(module.memory_a1, a1 * config.memory_out_init_scale)
+                init.copy_(module.memory_a2, a2)
+            else:
+                # ||A_0||_q = 1 in expectation: sum |a|^q = N * E|a|^q with E|a|^4 = 3 sigma^4 for a normal,
+                # so W_0 = A_0 / ||A_0||_q^(q-2) = A_0 and the first reads are neither inflated nor squashed.
+                count = module.memory_a1[0].numel()
+                sigma = (1.0 / (3.0 * count)) ** 0.25
+                init.normal_(module.memory_a1, mean=0.0, std=sigma * config.memory_out_init_scale)
+                init.normal_(module.memory_a2, mean=0.0, std=sigma)
             # Heads start at different inner learning rates and read gains, both log-spaced over
             # [init / spread, init * spread] in the same head order: the best write strength depends on
             # scales the outer loop is still learning, and a strong read helps recall but drowns the local

@@ -23,10 +23,15 @@ def test_predicted_checkpoint_size_is_within_5_percent_of_a_real_xs_training_che
 
 
 def test_predicted_checkpoint_size_is_within_5_percent_of_a_real_s_checkpoint(tmp_path):
-    """The s model through the components training's checkpoint uses: the full state dict saved as sharded
-    safetensors with the tokenizer, and the optimizer through DCP after one real AdamW step."""
-    from miras.checkpoint.trainer_state import full_model_state, save_optimizer, save_weights
+    """The s model checkpointed by the real Checkpointer (weights, tokenizer, optimizer after one AdamW step,
+    trainer state, manifest), as training does."""
+    from miras.checkpoint.checkpointer import Checkpointer, CheckpointSettings
     from miras.tokenizer import byte_tokenizer
+    from miras.train.state import TrainState
+
+    class Position:
+        def state_dict(self):
+            return {"position": 0}
 
     tokenizer = byte_tokenizer()
     config = miras.MonetaConfig.from_size("s", vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id)
@@ -35,10 +40,15 @@ def test_predicted_checkpoint_size_is_within_5_percent_of_a_real_s_checkpoint(tm
     for parameter in model.parameters():  # gradients of the right shape; a backward pass would add nothing here
         parameter.grad = torch.full_like(parameter, 1e-3)
     optimizer.step()
-    save_weights(tmp_path, full_model_state(model), config, tokenizer, "2GB")
-    save_optimizer(model, optimizer, tmp_path).result()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    state = TrainState(model, optimizer, scheduler, Position(), tokenizer, step=1)
+    checkpointer = Checkpointer(CheckpointSettings(run_dir=tmp_path, run_name="s"), log=lambda message: None)
+    checkpointer.open()
+    checkpointer.save(state, milestone=False)
+    checkpointer.close()
+    folder = latest_checkpoint(tmp_path)
     predicted = checkpoint_bytes(config)["total"]
-    real = folder_bytes(tmp_path)
+    real = folder_bytes(folder)
     assert abs(predicted - real) / real < 0.05, (predicted, real)
 
 

@@ -96,58 +96,33 @@ def test_bf16_and_fp32_both_run(tmp_path, precision):
     assert main(args) == 0
 
 
-def test_grad_accumulation_matches_the_large_batch(tmp_path, monkeypatch):
+def test_accumulated_gradients_equal_one_large_batch(tmp_path, monkeypatch):
+    """4 micro-batches of 2 rows give the gradients of one batch of the same 8 rows (each micro-batch's loss
+    divided by 4), before clipping; a missing or wrong division would make them 4x off."""
     from accelerate.state import AcceleratorState
 
-    weights = {}
+    from tests.hooked_train import Recorder
+
+    gradients = {}
     for name, batch, accum in (("big", "8", "1"), ("accum", "2", "4")):
         AcceleratorState._reset_state(reset_partial_state=True)
         for variable in [v for v in os.environ if v.startswith("ACCELERATE_")]:
             monkeypatch.delenv(variable)
-        monkeypatch.setenv("MIRAS_TEST_RECORD", str(tmp_path / name))
-        args = [
-            *TINY,
-            "--batch-size",
-            batch,
-            "--grad-accum",
-            accum,
-            "--max-steps",
-            "1",
-            "--output-dir",
-            str(tmp_path),
-            "--run-name",
-            name,
-            "--eval-batches",
-            "1",
-        ]
-        assert main(args) == 0
-        weights[name] = torch.load(tmp_path / name / "weights_rank0.pt")
-    for key, value in weights["big"].items():
-        # Adam divides by |g|: where a gradient is ~0, rounding moves a weight by a small fraction of lr.
-        torch.testing.assert_close(weights["accum"][key], value, rtol=1e-4, atol=2e-5)
+        args = [*TINY, "--batch-size", batch, "--grad-accum", accum, "--max-steps", "1", "--output-dir",
+                str(tmp_path), "--run-name", name]  # fmt: skip
+        assert main(args, hooks=Recorder(tmp_path / name, gradients_at_step=1)) == 0
+        gradients[name] = torch.load(tmp_path / name / "gradients_rank0.pt")
+    assert gradients["big"].keys() == gradients["accum"].keys() and len(gradients["big"]) > 10
+    for key, value in gradients["big"].items():
+        torch.testing.assert_close(gradients["accum"][key], value, rtol=1e-4, atol=1e-7)
+    assert sum(float(g.norm()) for g in gradients["big"].values()) > 1e-3  # real gradients, not zeros
 
 
 def test_two_process_gloo_run_really_has_two_ranks(tmp_path):
-    env = {"ACCELERATE_USE_CPU": "1", "MIRAS_EXPECT_WORLD_SIZE": "2", "MIRAS_TEST_RECORD": str(tmp_path / "rec")}
-    result = run_module(
-        [
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29517",
-            "-m",
-            "miras.train",
-            *TINY,
-            "--max-steps",
-            "3",
-            "--output-dir",
-            str(tmp_path),
-            "--run-name",
-            "ddp",
-        ],
-        env=env,
-    )
+    from tests.test_train_checkpoints import record, run
+
+    result = run([*TINY, "--max-steps", "3", "--output-dir", str(tmp_path), "--run-name", "ddp"], procs=2,
+                 hooks=record(tmp_path / "rec"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads((tmp_path / "rec" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in records] == [2, 2]
@@ -221,7 +196,9 @@ def test_the_readme_two_process_cpu_command_really_runs_two_processes(tmp_path):
     start = readme.index("ACCELERATE_USE_CPU=1 MIRAS_EXPECT_WORLD_SIZE=2 torchrun")
     command = readme[start : readme.index("```", start)].replace("\\\n", " ").strip()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    port = command.replace("torchrun", "torchrun --master_port 29531", 1)
+    from tests.test_train_checkpoints import free_port
+
+    port = command.replace("torchrun", f"torchrun --master_port {free_port()}", 1)
     result = subprocess.run(port, shell=True, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "runs" / "cpu-ddp" / "config.json").read_text())

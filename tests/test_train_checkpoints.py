@@ -19,7 +19,9 @@ from miras.checkpoint.catalog import committed
 
 TINY = ["--model-size", "xs", "--dataset", "builtin", "--seq-len", "32", "--batch-size", "2", "--device", "cpu"]
 TINY += ["--log-every", "1", "--eval-batches", "1", "--no-grad-checkpoint", "--lr", "3e-3", "--warmup-steps", "2"]
-BASE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+ROOT = str(Path(__file__).resolve().parents[1])  # so that `-m tests.hooked_train` imports in every process
+BASE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": ROOT}  # fmt: skip
 
 
 def free_port() -> int:
@@ -28,17 +30,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def command(args, procs=1):
+def command(args, procs=1, hooks=()):
+    """`miras train ARGS` on `procs` processes; with `hooks` (tests/hooked_train.py options), the hooked one."""
+    module = ["-m", "tests.hooked_train", *hooks, "--"] if hooks else ["-m", "miras.train"]
     if procs == 1:
-        return [sys.executable, "-m", "miras.train", *args]
+        return [sys.executable, *module, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port",
-            str(free_port()), "-m", "miras.train", *args]  # fmt: skip
+            str(free_port()), *module, *args]  # fmt: skip
 
 
-def run(args, procs=1, env=None, timeout=600):
+def run(args, procs=1, env=None, timeout=600, hooks=()):
     extra = {"ACCELERATE_USE_CPU": "1", "MIRAS_EXPECT_WORLD_SIZE": str(procs)} if procs > 1 else {}
     full_env = {**os.environ, **BASE_ENV, **extra, **(env or {})}
-    return subprocess.run(command(args, procs), capture_output=True, text=True, env=full_env, timeout=timeout)
+    return subprocess.run(command(args, procs, hooks), capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def record(folder):
+    return ("--record", str(folder))
 
 
 def losses(run_dir):
@@ -59,9 +67,7 @@ def assert_same_weights(a, b):
 def straight_and_resumed(tmp_path, procs, steps=6, kill_after_commit=2, extra=(), env=None):
     """N steps straight vs killed after the k-th commit then `--resume auto` to N."""
     common = [*TINY, *extra, "--max-steps", str(steps), "--ckpt-every-steps", "2", "--output-dir", str(tmp_path)]
-    straight = run(
-        [*common, "--run-name", "straight"], procs, {**(env or {}), "MIRAS_TEST_RECORD": str(tmp_path / "a")}
-    )
+    straight = run([*common, "--run-name", "straight"], procs, env, hooks=record(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr[-3000:]
     killed = run(
         [*common, "--run-name", "resumed", "--resume", "auto"],
@@ -70,11 +76,7 @@ def straight_and_resumed(tmp_path, procs, steps=6, kill_after_commit=2, extra=()
     )
     assert killed.returncode != 0
     assert not (tmp_path / "resumed" / "finished").exists()
-    resumed = run(
-        [*common, "--run-name", "resumed", "--resume", "auto"],
-        procs,
-        {**(env or {}), "MIRAS_TEST_RECORD": str(tmp_path / "b")},
-    )
+    resumed = run([*common, "--run-name", "resumed", "--resume", "auto"], procs, env, hooks=record(tmp_path / "b"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step_{2 * kill_after_commit:08d}" in resumed.stdout
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")  # every per-step loss, with ==
@@ -115,13 +117,13 @@ def test_two_process_ddp_resume_is_bit_identical_and_another_world_size_is_refus
 
 def test_fsdp2_shards_parameters_matches_ddp_and_resumes_bit_identically(tmp_path):
     args = [*TINY, "--max-steps", "3", "--output-dir", str(tmp_path)]
-    ddp = run([*args, "--run-name", "ddp"], 2, {"MIRAS_TEST_RECORD": str(tmp_path / "ddp_rec")})
+    ddp = run([*args, "--run-name", "ddp"], 2, hooks=record(tmp_path / "ddp_rec"))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    fsdp = run([*args, "--run-name", "fsdp", "--fsdp"], 2, {"MIRAS_TEST_RECORD": str(tmp_path / "fsdp_rec")})
+    fsdp = run([*args, "--run-name", "fsdp", "--fsdp"], 2, hooks=record(tmp_path / "fsdp_rec"))
     assert fsdp.returncode == 0, fsdp.stderr[-3000:]
     for rank in (0, 1):
-        record = json.loads((tmp_path / "fsdp_rec" / f"rank{rank}.json").read_text())
-        assert record["world_size"] == 2 and record["sharded"] is True  # DTensor shards on each rank
+        recorded = json.loads((tmp_path / "fsdp_rec" / f"rank{rank}.json").read_text())
+        assert recorded["world_size"] == 2 and recorded["sharded"] is True  # DTensor shards on each rank
     ddp_losses, fsdp_losses = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert [s for s, _ in fsdp_losses] == [s for s, _ in ddp_losses]
     for (_, a), (_, b) in zip(ddp_losses, fsdp_losses):
@@ -167,50 +169,77 @@ def newest_valid(run_dir):
     return None
 
 
-def test_killed_at_random_moments_and_inside_commits_it_always_resumes_from_the_newest_complete_checkpoint(tmp_path):
+def stopped(pid) -> bool:
+    """Whether a process of the tree rooted at `pid` stopped itself at a fault point (MIRAS_TEST_FAULT stop)."""
+    import psutil
+
+    try:
+        tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        return any(process.status() == psutil.STATUS_STOPPED for process in tree)
+    except psutil.NoSuchProcess:
+        return False
+
+
+# Where a 2-process run is stopped, then killed whole: inside a save on each rank (`/RANK`), in rank 0's commit
+# thread at every step of the commit protocol, and just after the save returned to the loop.
+KILL_POINTS = [
+    "rank_state_written/0", "rank_state_written/1", "optimizer_save_started/1", "files_written", "before_manifest",
+    "before_rename", "before_latest", "after_commit", "step_checkpointed/1",
+]  # fmt: skip
+
+
+def test_killed_at_random_moments_and_inside_commits_on_every_rank_it_always_resumes_from_the_newest_complete_one(
+    tmp_path,
+):
+    """12 SIGKILLs of the whole process tree (torchrun and both workers, as a preemption would): 9 with a rank
+    frozen at a point of a save or commit, 3 at random moments of training, where with a checkpoint every
+    step most land in a commit too. Every start resumes from the newest checkpoint that verifies, and the run
+    reads as one (one metrics row per step)."""
     rng = random.Random(7)
-    steps = 40  # more than 7 killed attempts can finish, so every attempt is really killed
+    steps = 40  # more than the killed attempts can reach, so every attempt is really killed
     args = [*TINY, "--max-steps", str(steps), "--ckpt-every-steps", "1", "--output-dir", str(tmp_path),
             "--run-name", "chaos", "--resume", "auto"]  # fmt: skip
     run_dir = tmp_path / "chaos"
-    points = ["files_written", "before_manifest", "before_rename", "before_latest", "after_commit"]
-    # each commit point once, plus two kills at random moments (each attempt is a 2-process start, ~10 s in CI)
-    faults = [f"{point}:kill@{rng.randint(1, 2)}" for point in points] + [None] * 2
+    faults = [f"{point}:stop@{rng.randint(1, 2)}" for point in KILL_POINTS] + [None] * 3
     rng.shuffle(faults)
     kills = 0
-    for fault in faults:
+    for attempt, fault in enumerate(faults):
         expected = newest_valid(run_dir)
         env = {**os.environ, **BASE_ENV, "ACCELERATE_USE_CPU": "1", "MIRAS_EXPECT_WORLD_SIZE": "2"}
         if fault:
             env["MIRAS_TEST_FAULT"] = fault
-        process = subprocess.Popen(command(args, 2), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)  # fmt: skip
+        log = tmp_path / f"attempt{attempt}.log"
+        with open(log, "w") as out:
+            process = subprocess.Popen(command(args, 2), env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            if fault is None:  # a kill of every process of the run at a random moment of its training
-                metrics = run_dir / "metrics.jsonl"
-                rows = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-                deadline = time.time() + 120
-                while process.poll() is None and time.time() < deadline:
-                    if metrics.exists() and len(metrics.read_text().splitlines()) > rows:
-                        break  # training is under way: steps and checkpoint commits are in flight
-                    time.sleep(0.05)
-                time.sleep(rng.uniform(0.0, 1.5))
+            metrics = run_dir / "metrics.jsonl"
+            rows = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            deadline = time.monotonic() + 300
+            while process.poll() is None and time.monotonic() < deadline:
+                if fault and stopped(process.pid):
+                    break  # a rank is frozen exactly at the fault point
+                if not fault and metrics.exists() and len(metrics.read_text().splitlines()) > rows:
+                    time.sleep(rng.uniform(0.0, 1.5))  # training is under way: a random moment of it
+                    break
+                time.sleep(0.02)
+            if process.poll() is None:
                 kill_tree(process.pid)
-            output = process.communicate(timeout=300)[0]
+                kills += 1
+            process.wait(timeout=60)
         finally:
             kill_tree(process.pid)
-        if process.returncode != 0:
-            kills += 1
+        output = log.read_text()
+        assert process.returncode != 0, output[-3000:]
         if expected:  # every attempt gets as far as choosing its checkpoint before it is killed
-            assert f"resuming from {expected}" in output, output[-2000:]
-        if (run_dir / "finished").exists():
-            break
-    assert kills >= 6
-    if not (run_dir / "finished").exists():
-        final = run(args, 2)
-        assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+            assert f"resuming from {expected}" in output, output[-3000:]
+    assert kills >= 10
+    expected = newest_valid(run_dir)
+    final = run(args, 2)
+    assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
+    assert f"resuming from {expected}" in final.stdout
     assert (run_dir / "finished").exists() and losses(run_dir)[-1][0] == steps
     assert [s for s, _ in losses(run_dir)] == list(range(1, steps + 1))  # one row per step: reads as one run
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.endswith(".tmp")]
 
 
 def test_corrupt_checkpoints_are_caught_by_verify_and_skipped_by_resume_auto(tmp_path):
@@ -258,7 +287,7 @@ def test_sigterm_checkpoints_exits_0_and_the_next_start_continues(tmp_path):
 
 def test_a_nan_stops_without_a_checkpoint_a_second_writer_is_refused_and_finished_is_written(tmp_path):
     common = [*TINY, "--ckpt-every-steps", "2", "--output-dir", str(tmp_path), "--run-name", "n"]
-    nan = run([*common, "--max-steps", "6"], env={"MIRAS_TEST_NAN_AT_STEP": "3"})
+    nan = run([*common, "--max-steps", "6"], hooks=("--nan-at-step", "3"))
     assert nan.returncode == 3 and "not finite at step 3" in nan.stderr and "step_00000002" in nan.stderr
     assert [f.name for f in committed(tmp_path / "n" / "checkpoints")] == ["step_00000002"]
     assert (tmp_path / "n" / "checkpoints" / "latest").read_text().strip() == "step_00000002"

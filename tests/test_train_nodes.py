@@ -17,7 +17,7 @@ from miras.checkpoint.catalog import committed, find_resumable
 from tests.test_train_checkpoints import BASE_ENV, TINY, assert_same_weights, free_port, kill_tree, losses, weights
 
 
-def launch_nodes(args, cwds, env=None, timeout=300):
+def launch_nodes(args, cwds, env=None, timeout=300, hooks=()):
     """Node k runs `torchrun --node_rank k` in cwds[k]; both at once (they meet at node 0's rendezvous)."""
     port = str(free_port())
     full_env = {**os.environ, **BASE_ENV, "ACCELERATE_USE_CPU": "1", "MIRAS_EXPECT_WORLD_SIZE": "2", **(env or {})}
@@ -26,7 +26,8 @@ def launch_nodes(args, cwds, env=None, timeout=300):
         cwd.mkdir(parents=True, exist_ok=True)
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                     "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", port]  # fmt: skip
-        command = [*launcher, "-m", "miras.train", *args]
+        module = ["-m", "tests.hooked_train", *hooks, "--"] if hooks else ["-m", "miras.train"]
+        command = [*launcher, *module, *args]
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
         processes.append(subprocess.Popen(command, cwd=cwd, env=full_env, **pipes))
     results = []
@@ -48,7 +49,7 @@ def test_two_nodes_with_their_own_disks_upload_their_own_files_and_resume_from_t
     nodes, remote = [tmp_path / "node0", tmp_path / "node1"], tmp_path / "remote"
     args = [*TINY, "--fsdp", "--max-steps", "4", "--ckpt-every-steps", "2", "--output-dir", "runs", "--run-name", "r",
             "--resume", "auto", "--sync-to", f"file://{remote}"]  # fmt: skip
-    first = launch_nodes(args, nodes, {"MIRAS_TEST_RECORD": str(tmp_path / "a")})
+    first = launch_nodes(args, nodes, hooks=("--record", str(tmp_path / "a")))
     for result in first:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "2 nodes; run folder runs/r not shared: node-local mode" in first[0].stdout
@@ -76,7 +77,7 @@ def test_two_nodes_with_their_own_disks_upload_their_own_files_and_resume_from_t
     for node in nodes:
         shutil.rmtree(node / "runs")
     (checkpoint / "manifest.json").unlink()
-    resumed = launch_nodes(args, nodes, {"MIRAS_TEST_RECORD": str(tmp_path / "b")})
+    resumed = launch_nodes(args, nodes, hooks=("--record", str(tmp_path / "b")))
     for result in resumed:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "pulled step_00000002" in resumed[0].stdout and "resuming from step_00000002" in resumed[0].stdout

@@ -1,5 +1,5 @@
-"""Training with --sync-to: remote resume on a fresh machine (bit-identical), a destination that is down,
-and a destination that fails the startup probe."""
+"""Training with --sync-to: remote resume on a fresh machine (bit-identical) once it takes the dead machine's
+lease over, a destination that is down, and a destination that fails the startup probe."""
 
 import json
 import shutil
@@ -22,9 +22,18 @@ def test_a_fresh_machine_resumes_from_the_remote_copy_bit_identically(tmp_path):
     assert json.loads((remote / "r" / "checkpoints" / remote_steps[-1] / "manifest.json").read_text())["files"]
     shutil.rmtree(tmp_path / "local" / "r")  # the instance and its disk are gone
 
-    resumed = run(synced)
+    # A new machine: the dead one's lease on the remote run is still fresh, so it is refused (exit 5, one
+    # line naming the holder) until the lease expires, or it is told to take over.
+    refused = run(synced)
+    assert refused.returncode == 5, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1].startswith(f"miras train: error: --sync-to: {remote}/r is held by")
+    assert str(tmp_path / "local" / "r") in refused.stderr and "--takeover" in refused.stderr
+    assert not (tmp_path / "local" / "r" / "checkpoints").exists()  # nothing pulled before the lease was held
+    resumed = run([*synced, "--takeover"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "took over the lease" in resumed.stdout
     assert "pulled step_" in resumed.stdout and "resuming from step_" in resumed.stdout
+    assert not (remote / "r" / "lease.json").exists()  # released at the end
     assert losses(tmp_path / "local" / "r") == losses(tmp_path / "local" / "straight")
     assert "step_00000006" in [p.name for p in committed(remote / "r" / "checkpoints")]
     assert (remote / "r" / "checkpoints" / "latest").read_text().strip() == "step_00000006"
@@ -40,7 +49,7 @@ def test_a_fresh_machine_resumes_from_the_remote_copy_bit_identically(tmp_path):
 
 
 def test_the_seed_gdrive_flags_mean_an_rclone_destination():
-    from miras.train_args import parse_args
+    from miras.train.args import parse_args
 
     args = parse_args(["--gdrive-sync", "--gdrive-remote", "gdrive", "--gdrive-dir", "research/papers/miras/runs"])
     assert args.sync_to == ["rclone://gdrive/research/papers/miras/runs"]
@@ -58,7 +67,7 @@ def test_a_destination_down_for_the_whole_run_leaves_training_and_local_checkpoi
     assert [p.name for p in committed(tmp_path / "d" / "checkpoints")] == ["step_00000002", "step_00000004"]
     rows = [json.loads(line) for line in (tmp_path / "d" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["sync_failed"] >= 1 and "down" in rows[-1]["sync_last_error"]
-    assert "uploads not finished" in result.stdout
+    assert "uploads did not finish within --sync-timeout" in result.stdout and "last error: None" not in result.stdout
     assert (tmp_path / "d" / "finished").exists()
 
 

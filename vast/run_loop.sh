@@ -6,9 +6,12 @@
 # vast/entrypoint.sh starts it with the training command ending in `--resume auto`, so every restart
 # continues from the newest checkpoint. Before each attempt it sources $MIRAS_ENV_FILE (exported), and
 # writes the attempt's pid to $MIRAS_TRAIN_PID_FILE. It stops when the marker exists, when training
-# exits with status 2 (bad arguments: a restart cannot help) or 3 (the loss diverged), or after $MIRAS_MAX_FAST_FAILURES (5)
-# attempts in a row that each ended within $MIRAS_FAST_FAILURE_SECONDS (120). $MIRAS_RESTART_DELAY
-# (10) seconds between attempts. SIGTERM/SIGINT/SIGHUP are passed to training, then the loop exits.
+# exits with status 2 (bad arguments: a restart cannot help), 3 (the loss diverged) or 4 (the disk is
+# full: a restart would fail the same way until space is freed), or after $MIRAS_MAX_FAST_FAILURES (5)
+# attempts in a row that each ended within $MIRAS_FAST_FAILURE_SECONDS (120). Status 5 (another machine
+# holds the run at a --sync-to destination) is retried every $MIRAS_LEASE_RETRY_DELAY (60) seconds: the
+# lease of a machine that died expires. $MIRAS_RESTART_DELAY (10) seconds between other attempts.
+# SIGTERM/SIGINT/SIGHUP are passed to training, then the loop exits.
 set -uo pipefail
 
 if [ $# -lt 2 ]; then
@@ -22,6 +25,7 @@ pid_file=${MIRAS_TRAIN_PID_FILE:-}
 delay=${MIRAS_RESTART_DELAY:-10}
 max_fast=${MIRAS_MAX_FAST_FAILURES:-5}
 fast_seconds=${MIRAS_FAST_FAILURE_SECONDS:-120}
+lease_delay=${MIRAS_LEASE_RETRY_DELAY:-60}
 child=""
 
 log() {
@@ -72,6 +76,16 @@ while [ ! -e "$marker" ]; do
         # miras train's exit status for a NaN/inf loss: a restart would replay the same steps.
         log "training exited with status 3 (the loss diverged; latest still names the last good checkpoint): not restarting"
         exit 3
+    fi
+    if [ "$rc" -eq 4 ]; then
+        log "training exited with status 4 (the disk is full; latest names the last good checkpoint): not restarting until space is freed"
+        exit 4
+    fi
+    if [ "$rc" -eq 5 ]; then
+        log "training exited with status 5 (another machine holds the run at a --sync-to destination): trying again in ${lease_delay}s"
+        sleep "$lease_delay" &
+        wait $!
+        continue
     fi
     if [ "$ran" -lt "$fast_seconds" ]; then
         fast=$((fast + 1))

@@ -6,8 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import read_latest
-from .layout import parse_step
+from .latest import read_latest
+from .layout import LATEST_NAME, parse_step
 from .manifest import ManifestError, read_manifest, verify_folder
 
 
@@ -73,7 +73,13 @@ def find_resumable(folder: Path, warn: Callable[[str], None] = print) -> Path | 
             continue
         if describe(path).weights_only:
             continue
-        if latest and latest != path.name:
-            warn(f"note: {folder}/latest names {latest}, resuming from the newer valid {path.name}")
+        pointer = f"{Path(folder) / LATEST_NAME}"
+        if latest is None and (Path(folder) / LATEST_NAME).exists():
+            warn(f"{pointer} does not hold a checkpoint name; resuming from {path.name}, the newest valid checkpoint")
+        elif latest and parse_step(latest) > parse_step(path.name):
+            warn(f"{pointer} names {latest}, which is not a valid checkpoint; resuming from {path.name}, the newest "
+                 "one that is")  # fmt: skip
+        elif latest and latest != path.name:  # killed between the rename and the pointer's update
+            warn(f"{pointer} names the older {latest}; resuming from {path.name}, the newest valid checkpoint")
         return path
     return None

@@ -1,8 +1,9 @@
 """The background commit: write into step_XXXXXXXX.tmp/, fsync, manifest last, rename, point `latest`.
 
 The training loop hands over state that is already a CPU copy and goes on; one commit runs at a time
-(the next checkpoint waits for the previous one). Points of the protocol carry fault hooks so tests
-can kill the process exactly there.
+(the next checkpoint waits for the previous one). A commit that fails (a full disk, an I/O error) removes
+its .tmp folder, leaves `latest` on the last good checkpoint and reports a CommitOutcome; the Checkpointer
+decides what follows. Points of the protocol carry fault hooks so tests can kill the process exactly there.
 
 Multi-node with node-local disks: every node's committer commits its own node's folder. `gather` exchanges
 each node's file list (or its failure) between the nodes, so each writes the same manifest listing every
@@ -11,29 +12,62 @@ file of every node (under "nodes", which node holds which); if any node failed, 
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .faults import fault_point
-from .files import fsync_path, fsync_tree, write_latest
+from .files import fsync_path, fsync_tree
+from .latest import write_latest
 from .layout import TMP_SUFFIX, checkpoint_name
 from .manifest import NODES_KEY, build_manifest, file_entries, now_utc, write_manifest
-from .retention import prune, recover_interrupted_swap
+from .retention import KEEP_ALL, RetentionPolicy, prune, recover_interrupted_swap
+
+
+@dataclass
+class CommitOutcome:
+    step: int
+    milestone: bool
+    final: bool
+    error: BaseException | None = None  # None: committed
+
+    @property
+    def disk_full(self) -> bool:
+        return is_disk_full(self.error)
+
+
+def is_disk_full(error: BaseException | None) -> bool:
+    """Whether a failure comes from a full disk or quota, looking through causes and DCP's per-rank failures."""
+    seen: set[int] = set()
+    todo = [error]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(current):
+            return True
+        failures = getattr(current, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [current.__cause__, current.__context__]
+    return False
 
 
 class CheckpointCommitter:
     def __init__(
         self,
         folder: Path,
-        keep_last: int,
-        keep_milestones: int,
-        prune_enabled: bool = True,
+        retention: RetentionPolicy = KEEP_ALL,
         weights_only_milestones: bool = False,
         log: Callable[[str], None] = print,
         weights_bf16: bool = False,
@@ -42,23 +76,29 @@ class CheckpointCommitter:
         node: int = 0,
     ):
         self.folder = Path(folder)
-        self.keep_last, self.keep_milestones = keep_last, keep_milestones
-        self.prune_enabled, self.weights_only_milestones = prune_enabled, weights_only_milestones
+        self.retention, self.weights_only_milestones = retention, weights_only_milestones
         self.log, self.on_commit, self.weights_bf16 = log, on_commit, weights_bf16
         self.gather, self.node = gather, node  # node-local multi-node commits (see the module docstring)
         self._thread: threading.Thread | None = None
-        self.last_error: BaseException | None = None
+        self._outcome: CommitOutcome | None = None
         self.last_committed: Path | None = None
         self.last_commit_seconds = 0.0
 
     def tmp_dir(self, step: int) -> Path:
         return self.folder / (checkpoint_name(step) + TMP_SUFFIX)
 
-    def wait(self) -> None:
-        """Block until the commit in flight (if any) has finished."""
+    def wait(self) -> CommitOutcome | None:
+        """Block until the commit in flight (if any) has finished; its outcome, once (None when none was left)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        outcome, self._outcome = self._outcome, None
+        return outcome
+
+    def failed(self) -> bool:
+        """Without waiting: whether the last commit finished and failed (its outcome is still to be taken)."""
+        thread, outcome = self._thread, self._outcome
+        return (thread is None or not thread.is_alive()) and outcome is not None and outcome.error is not None
 
     def submit(
         self,
@@ -71,7 +111,8 @@ class CheckpointCommitter:
         background: bool = True,
     ) -> None:
         """Commit checkpoint `step`: `write(tmp_dir)` writes this process's files, `wait_for` are other
-        writers (e.g. the sharded optimizer save of every rank) that must finish before the manifest."""
+        writers (e.g. the sharded optimizer save of every rank) that must finish before the manifest. The
+        previous commit's outcome, if not taken yet, is dropped: take it with wait() first."""
         self.wait()
         args = (step, milestone, write, list(wait_for), manifest_extra or {}, final)
         if background:
@@ -101,19 +142,18 @@ class CheckpointCommitter:
             fault_point("after_commit")
             self.last_committed = final_dir
             self.last_commit_seconds = time.perf_counter() - started
-        except BaseException as error:  # reported by the loop; training goes on and the next one retries
-            self.last_error = error
-            self.log(f"error: checkpoint {checkpoint_name(step)} was not committed: {error}")
+        except BaseException as error:  # the Checkpointer reports it; training goes on and the next one retries
+            for future in wait_for:  # nothing may still write into the folder removed below
+                try:
+                    future.result()
+                except BaseException:
+                    pass
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._outcome = CommitOutcome(step, milestone, final, error)
             return
-        if self.prune_enabled:
-            prune(
-                self.folder,
-                self.keep_last,
-                self.keep_milestones,
-                self.weights_only_milestones,
-                self.log,
-                weights_bf16=self.weights_bf16,
-            )
+        self._outcome = CommitOutcome(step, milestone, final)
+        if not self.retention.keeps_all:
+            prune(self.folder, self.retention, self.weights_only_milestones, self.log, weights_bf16=self.weights_bf16)
         if self.on_commit is not None:
             try:
                 self.on_commit(final_dir, step, milestone, final)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .layout import CHECKPOINTS_DIR, LATEST_NAME
+from .layout import CHECKPOINTS_DIR
 
 
 def fsync_path(path: Path) -> None:
@@ -40,15 +40,3 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINTS_DIR
-
-
-def read_latest(folder: Path) -> str | None:
-    """The folder name the `latest` pointer of a checkpoints folder names, or None."""
-    try:
-        return (Path(folder) / LATEST_NAME).read_text().strip() or None
-    except OSError:
-        return None
-
-
-def write_latest(folder: Path, name: str) -> None:
-    write_text_atomic(Path(folder) / LATEST_NAME, name + "\n")

@@ -1,4 +1,5 @@
-"""Pruning after a commit: keep the last N plus the last M milestones, never what `latest` names.
+"""Retention: one policy (the last N checkpoints plus the last M milestones, never what `latest` names),
+applied after each commit to the local checkpoints folder here and to each remote run by the Syncer.
 
 A failed delete is reported and left for the next prune; it never stops training. Milestones that
 leave the keep-last set can shed their trainer state (`--milestone-weights-only`), keeping only what
@@ -10,30 +11,57 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .catalog import catalog
 from .faults import fault_point
-from .files import fsync_tree, read_latest
+from .files import fsync_tree
+from .latest import read_latest
 from .layout import MANIFEST_NAME, TRAINER_DIR
 from .manifest import build_manifest, read_manifest, write_manifest
-from .schedule import select_kept
+
+
+@dataclass(frozen=True)
+class RetentionPolicy:
+    """Which checkpoints stay: the newest `keep_last` plus the newest `keep_milestones` milestones (the union),
+    plus the protected ones (what `latest` names, the one just written). None means no limit."""
+
+    keep_last: int | None = 12
+    keep_milestones: int | None = 24
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.keep_last is None and self.keep_milestones is None
+
+    def kept(self, checkpoints: Iterable[tuple[int, bool]], protect: Iterable[int] = ()) -> set[int]:
+        """Steps to keep among `checkpoints`, given as (step, is_milestone)."""
+        ordered = sorted(checkpoints, reverse=True)
+        newest = {step for step, _ in _first(ordered, self.keep_last)}
+        milestones = {step for step, milestone in _first([c for c in ordered if c[1]], self.keep_milestones)}
+        return newest | milestones | set(protect)
+
+
+def _first(items: list, count: int | None) -> list:
+    return list(items) if count is None else list(items)[: max(0, count)]
+
+
+KEEP_ALL = RetentionPolicy(None, None)
 
 
 def prune(
     folder: Path,
-    keep_last: int,
-    keep_milestones: int,
+    policy: RetentionPolicy,
     weights_only_milestones: bool = False,
     log: Callable[[str], None] = print,
     weights_bf16: bool = False,
 ) -> list[int]:
-    """Delete checkpoints outside the retention sets; returns the steps deleted."""
+    """Delete checkpoints outside the retention policy; returns the steps deleted."""
     infos = catalog(folder)
     latest = read_latest(folder)
     protect = {info.step for info in infos if info.path.name == latest}
-    kept = select_kept([(i.step, i.milestone) for i in infos], keep_last, keep_milestones, protect)
+    kept = policy.kept([(i.step, i.milestone) for i in infos], protect)
     deleted = []
     for info in infos:
         if info.step in kept:
@@ -47,7 +75,7 @@ def prune(
         except OSError as error:
             log(f"warning: could not delete checkpoint {info.path}: {error} (will retry at the next prune)")
     if weights_only_milestones:
-        newest = {i.step for i in sorted(infos, key=lambda i: i.step)[-keep_last:]} if keep_last else set()
+        newest = {step for step, _ in _first(sorted(((i.step, 0) for i in infos), reverse=True), policy.keep_last)}
         for info in infos:
             if info.step in kept and info.milestone and not info.weights_only and info.step not in newest | protect:
                 try:

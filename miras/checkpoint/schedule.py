@@ -1,4 +1,4 @@
-"""When to checkpoint, which checkpoints are milestones, and which ones retention keeps.
+"""When to checkpoint and which checkpoints are milestones (retention.py decides which ones stay).
 
 Pure functions of the training clock (seconds of training, counted across resumes) and the step,
 so a long run can be simulated in a test with an injected clock.
@@ -38,14 +38,3 @@ class CheckpointSchedule:
     def load_clock_state(self, state: dict[str, float]) -> None:
         self.last_checkpoint_time = float(state.get("last_checkpoint_time", 0.0))
         self.last_milestone_time = float(state.get("last_milestone_time", 0.0))
-
-
-def select_kept(
-    checkpoints: list[tuple[int, bool]], keep_last: int, keep_milestones: int, protect: set[int] = frozenset()
-) -> set[int]:
-    """Steps to keep: the newest `keep_last` checkpoints plus the newest `keep_milestones` milestones (the
-    union), plus `protect` (what `latest` names). `checkpoints` is (step, is_milestone)."""
-    ordered = sorted(checkpoints, reverse=True)
-    newest = {step for step, _ in ordered[: max(0, keep_last)]}
-    milestones = [step for step, milestone in ordered if milestone][: max(0, keep_milestones)]
-    return newest | set(milestones) | set(protect)

@@ -116,3 +116,21 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
 
 def read_trainer_state(folder: Path) -> dict[str, Any]:
     return json.loads((Path(folder) / TRAINER_STATE).read_text())
+
+
+def software_versions() -> dict[str, str]:
+    """The versions a checkpoint records in its manifest (and a run in its config.json)."""
+    import sys
+
+    import accelerate
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "miras": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "accelerate": accelerate.__version__,
+        "python": sys.version.split()[0],
+    }

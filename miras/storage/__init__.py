@@ -1,34 +1,29 @@
-"""Storage: move files between a local run folder and a destination URL.
+"""Storage: move files between a local folder and a destination URL.
 
 - `StorageBackend` (put/get/list/delete on keys relative to one destination URL), `open_backend(url)`:
   backends come from the entry-point group `miras.storage`, keyed by URL scheme (bare paths are `file`).
-- `Syncer`: background uploads of checkpoints and run files to one or more destinations.
-- `find_remote_checkpoints`, `download_checkpoint`, `pull_latest`: resume from a remote run folder.
+- `is_remote`, `check_destination`, `parse_options`: what a URL and its options mean.
+- `SECRET_WORDS`, `is_secret_name`, `redact`: the one list of secret names, and removing their values from text.
 
-Storage knows nothing of torch or models; it only reads checkpoint names and manifests.
+Storage knows nothing of torch, models, checkpoints or manifests, and imports nothing else of miras:
+replication (uploads, remote resume, the remote `latest`) belongs to miras.checkpoint.
 """
 
-from .base import MissingKeyError, StorageBackend, StorageError, join_key
-from .registry import installed_schemes, open_backend, parse_options, url_scheme
-from .remote import download_checkpoint, find_remote_checkpoints, pull_latest, read_remote_latest, run_url
-from .sync import DRIVE_DAILY_UPLOAD_CAP, Syncer, drive_cap_warning, estimated_daily_bytes
+from .base import SECRET_WORDS, MissingKeyError, StorageBackend, StorageError, is_secret_name, join_key, redact
+from .registry import check_destination, installed_schemes, is_remote, open_backend, parse_options, url_scheme
 
 __all__ = [
-    "DRIVE_DAILY_UPLOAD_CAP",
+    "SECRET_WORDS",
     "MissingKeyError",
     "StorageBackend",
     "StorageError",
+    "check_destination",
     "installed_schemes",
+    "is_remote",
+    "is_secret_name",
     "join_key",
     "open_backend",
     "parse_options",
-    "Syncer",
-    "download_checkpoint",
-    "drive_cap_warning",
-    "estimated_daily_bytes",
-    "find_remote_checkpoints",
-    "pull_latest",
-    "read_remote_latest",
-    "run_url",
+    "redact",
     "url_scheme",
 ]

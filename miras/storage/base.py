@@ -13,7 +13,15 @@ from typing import Protocol, runtime_checkable
 
 # Temporary names used by atomic puts: listing never returns them.
 TMP_MARKER = ".miras-tmp-"
-_SECRET_WORDS = re.compile(r"secret|token|passw|credential|private|key|auth|session", re.IGNORECASE)
+
+# The one list of words that make a name (a storage option, an argument, an environment variable) a secret.
+# Names are split into words ("WANDB_API_KEY" -> wandb, api, key; "clientSecret" -> client, secret), so
+# "tokens_per_step" or "tokenizer" are not secrets; a name ending in "id" is an identifier ("pad_token_id",
+# "AWS_ACCESS_KEY_ID"), not a secret. vast/launch.sh masks environment names with the same words.
+SECRET_WORDS = ("secret", "token", "password", "passwd", "pass", "key", "credential", "credentials", "private",
+                "auth", "session", "b64", "apikey", "signature")  # fmt: skip
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^/@:\s]*:)(?P<password>[^/@\s]+)@")
 
 
 class StorageError(Exception):
@@ -81,10 +89,31 @@ def one_line(error: BaseException | str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def is_secret_name(name: str) -> bool:
+    """Whether a name (option, argument, environment variable) holds a secret, by SECRET_WORDS."""
+    words = [word.lower() for word in _WORD.findall(str(name))]
+    if not words or words[-1] in ("id", "ids"):
+        return False
+    return any(word in SECRET_WORDS for word in words)
+
+
 def redact(text: str, options: dict[str, str] | None = None, extra_secrets: tuple[str, ...] = ()) -> str:
-    """Replace secret option values (keys naming a secret/token/key/...) and `extra_secrets` by ***."""
-    secrets = [v for k, v in (options or {}).items() if _SECRET_WORDS.search(k) and isinstance(v, str)]
+    """`text` with the values of secret options, `extra_secrets` and URL passwords (`scheme://user:password@host`)
+    replaced by ***."""
+    secrets = [v for k, v in (options or {}).items() if is_secret_name(k) and isinstance(v, str)]
     for value in sorted([*secrets, *extra_secrets], key=len, reverse=True):
         if value and len(value) >= 4:
             text = text.replace(value, "***")
-    return text
+    return _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", text)
+
+
+def redact_word(word: str) -> str:
+    """One argument (of a command line, or a storage option): `secret=VALUE` -> `secret=***`,
+    `s3://key:PASSWORD@host` -> `s3://key:***@host`."""
+    word = _URL_PASSWORD.sub(lambda m: m.group("head") + "***@", word)
+    name, eq, value = word.partition("=")
+    if not eq or not value:
+        return word
+    if is_secret_name(name.lstrip("-")):
+        return f"{name}=***"
+    return f"{name}={redact_word(value)}" if "=" in value else word  # --storage-option=secret=...

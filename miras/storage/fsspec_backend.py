@@ -10,7 +10,10 @@ Atomic puts, per filesystem:
 
 Options (`--storage-option KEY=VALUE`) go to the fsspec filesystem's constructor: `endpoint_url=...`,
 `key=...`, `secret=...`, `token=...`, `project=...`; `true`/`false` become booleans and a dotted key makes
-a nested dict (`client_kwargs.region_name=auto`).
+a nested dict (`client_kwargs.region_name=auto`). One is the backend's own: `chunksize=BYTES` (gs, s3) is
+the size of a resumable upload's chunks (gcsfs: files from 5 MiB on are uploaded resumably) and of a
+multipart upload's parts (s3fs: files of two parts or more); both default to 50 MiB. S3 parts are at least
+5 MiB, GCS chunks a multiple of 256 KiB.
 """
 
 from __future__ import annotations
@@ -64,11 +67,12 @@ def local_path(url: str) -> Path:
 class FsspecBackend:
     """A StorageBackend over one fsspec filesystem and a base path inside it."""
 
-    def __init__(self, url: str, fs: Any, base: str, local: bool = False):
+    def __init__(self, url: str, fs: Any, base: str, local: bool = False, chunksize: int | None = None):
         self.url = url
         self.fs = fs
         self.base = base.rstrip("/")
         self.local = local
+        self.put_options = {"chunksize": chunksize} if chunksize else {}
 
     # -- paths
     def _path(self, key: str) -> str:
@@ -106,7 +110,7 @@ class FsspecBackend:
         if self.fs.protocol and "memory" in self.fs.protocol:
             self.fs.makedirs(parent, exist_ok=True)
         # Object stores: one PUT / completed multipart upload is atomic (see the module docstring).
-        self.fs.put_file(str(local), target)
+        self.fs.put_file(str(local), target, **self.put_options)
         self.fs.invalidate_cache(parent)
 
     def get(self, key: str, local: Path) -> None:
@@ -177,11 +181,14 @@ def open_backend(url: str, options: dict[str, str] | None = None) -> FsspecBacke
             __import__(module)
         except ImportError:
             raise StorageError(f"{scheme}:// needs {module}: pip install 'miras[{extra}]'") from None
+        chunksize = options.pop("chunksize", None)
+        if chunksize is not None and not (chunksize.isdigit() and int(chunksize) > 0):
+            raise StorageError(f"storage option chunksize={chunksize!r}: expected a number of bytes")
         try:
             fs = fsspec.filesystem("gcs" if scheme == "gs" else scheme, **fsspec_kwargs(options))
         except TypeError as error:
             raise StorageError(f"{scheme}:// rejected a storage option: {error}") from None
-        return FsspecBackend(url, fs, rest)
+        return FsspecBackend(url, fs, rest, chunksize=int(chunksize) if chunksize else None)
     raise StorageError(f"the fsspec backend does not handle {scheme}:// ({url!r})")
 
 

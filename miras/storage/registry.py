@@ -58,6 +58,27 @@ def url_scheme(url: str) -> str:
     return "file"
 
 
+def is_remote(url: str) -> bool:
+    """A URL another backend than the local file one serves (`file://` URLs and bare paths are local)."""
+    return url_scheme(str(url)) != "file"
+
+
+def check_destination(url: str) -> str:
+    """`url` stripped of spaces, or StorageError when it names no place a run could go under: empty (an unset
+    shell variable), a scheme with nothing after it, or the filesystem root (a run would land in /<run-name>)."""
+    text = str(url or "").strip()
+    expected = "expected a local folder or SCHEME://BUCKET-OR-FOLDER/path"
+    if not text:
+        raise StorageError(f"empty destination {url!r} (an unset shell variable?); {expected}")
+    scheme = url_scheme(text)
+    rest = text.split("://", 1)[1] if "://" in text else text
+    if not rest.strip("/"):
+        if scheme == "file" and "://" not in text:
+            raise StorageError(f"destination {text!r} is the filesystem root; {expected}")
+        raise StorageError(f"destination {text!r} names no bucket, remote or folder; {expected}")
+    return text
+
+
 def _load(scheme: str, target: object) -> Callable[..., StorageBackend]:
     try:
         if isinstance(target, str):

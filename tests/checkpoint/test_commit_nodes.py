@@ -28,7 +28,7 @@ def commit_on_two_nodes(tmp_path, fail_on=None):
     for node in (0, 1):
         folder = tmp_path / f"node{node}" / "checkpoints"
         folder.mkdir(parents=True)
-        committers.append(CheckpointCommitter(folder, 12, 24, gather=gather, node=node, log=lambda m: None))
+        committers.append(CheckpointCommitter(folder, gather=gather, node=node, log=lambda m: None))
 
     def write(node):
         def files(tmp):
@@ -44,14 +44,12 @@ def commit_on_two_nodes(tmp_path, fail_on=None):
     for node, committer in enumerate(committers):
         extra = {"final": True} if node == 0 else None
         committer.submit(4, False, write(node), manifest_extra=extra)
-    for committer in committers:
-        committer.wait()
-    return committers
+    return [committer.wait() for committer in committers]
 
 
 def test_each_node_commits_its_own_files_under_one_manifest_listing_every_node(tmp_path):
-    committers = commit_on_two_nodes(tmp_path)
-    assert all(c.last_error is None for c in committers)
+    outcomes = commit_on_two_nodes(tmp_path)
+    assert all(outcome.error is None for outcome in outcomes)
     folders = [tmp_path / f"node{node}" / "checkpoints" / "step_00000004" for node in (0, 1)]
     manifests = [json.loads((folder / "manifest.json").read_text()) for folder in folders]
     assert manifests[0] == manifests[1]
@@ -67,7 +65,8 @@ def test_each_node_commits_its_own_files_under_one_manifest_listing_every_node(t
 
 
 def test_a_failure_on_one_node_commits_nothing_on_any_node(tmp_path):
-    committers = commit_on_two_nodes(tmp_path, fail_on=1)
-    for node, committer in enumerate(committers):
-        assert "node 1: OSError: disk full" in str(committer.last_error)
+    outcomes = commit_on_two_nodes(tmp_path, fail_on=1)
+    for node, outcome in enumerate(outcomes):
+        assert "node 1: OSError: disk full" in str(outcome.error)
         assert committed(tmp_path / f"node{node}" / "checkpoints") == []
+        assert not list((tmp_path / f"node{node}" / "checkpoints").glob("*.tmp"))  # the failed attempt is gone

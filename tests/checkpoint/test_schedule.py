@@ -4,9 +4,9 @@ import pytest
 
 from miras.checkpoint import build_manifest, checkpoint_name, write_manifest
 from miras.checkpoint.catalog import catalog
-from miras.checkpoint.files import write_latest
-from miras.checkpoint.retention import prune
-from miras.checkpoint.schedule import CheckpointSchedule, select_kept
+from miras.checkpoint.latest import write_latest
+from miras.checkpoint.retention import RetentionPolicy, prune
+from miras.checkpoint.schedule import CheckpointSchedule
 
 
 def commit_fake(folder, step, milestone):
@@ -30,7 +30,7 @@ def simulate(folder, hours, seconds_per_step, keep_last, keep_milestones, weight
             schedule.record(clock, milestone)
             commit_fake(folder, step, milestone)
             expected_milestones.append(milestone)
-            prune(folder, keep_last, keep_milestones, weights_only, log=log)
+            prune(folder, RetentionPolicy(keep_last, keep_milestones), weights_only, log=log)
     return step
 
 
@@ -46,11 +46,13 @@ def test_time_and_step_triggers_and_milestones():
     assert restored.last_milestone_time == 3600.0
 
 
-def test_select_kept_is_the_union_of_the_two_sets_plus_latest():
+def test_the_retention_policy_keeps_the_union_of_the_two_sets_plus_the_protected():
     entries = [(s, s % 4 == 0) for s in range(1, 21)]
-    assert select_kept(entries, 3, 2, protect={1}) == {18, 19, 20, 16, 1}  # milestones 20 and 16
-    assert select_kept(entries, 1, 3) == {20, 16, 12}
-    assert select_kept(entries, 0, 0) == set()
+    assert RetentionPolicy(3, 2).kept(entries, protect={1}) == {18, 19, 20, 16, 1}  # milestones 20 and 16
+    assert RetentionPolicy(1, 3).kept(entries) == {20, 16, 12}
+    assert RetentionPolicy(0, 0).kept(entries) == set()
+    assert RetentionPolicy(None, None).kept(entries) == set(range(1, 21))
+    assert RetentionPolicy(None, 0).kept(entries) == set(range(1, 21))
 
 
 def test_a_long_simulated_run_keeps_exactly_the_expected_checkpoints(tmp_path):
@@ -75,9 +77,9 @@ def test_a_failing_delete_is_logged_and_retried_at_the_next_prune(tmp_path, monk
         commit_fake(tmp_path, step, False)
     messages = []
     monkeypatch.setenv("MIRAS_TEST_FAULT", "prune_delete:fail@1")
-    assert prune(tmp_path, 1, 0, log=messages.append) == [2]  # step 1's delete failed, step 2's worked
+    assert prune(tmp_path, RetentionPolicy(1, 0), log=messages.append) == [2]  # step 1's delete failed, step 2's worked
     assert "could not delete" in messages[0] and [i.step for i in catalog(tmp_path)] == [1, 3]
-    assert prune(tmp_path, 1, 0, log=messages.append) == [1]
+    assert prune(tmp_path, RetentionPolicy(1, 0), log=messages.append) == [1]
 
 
 def test_milestones_outside_keep_last_keep_only_the_model(tmp_path):
@@ -85,7 +87,7 @@ def test_milestones_outside_keep_last_keep_only_the_model(tmp_path):
 
     for step, milestone in ((1, True), (2, False), (3, False)):
         commit_fake(tmp_path, step, milestone)
-    prune(tmp_path, keep_last=2, keep_milestones=5, weights_only_milestones=True)
+    prune(tmp_path, RetentionPolicy(2, 5), weights_only_milestones=True)
     slim = tmp_path / checkpoint_name(1)
     assert not (slim / "trainer").exists() and (slim / "model.safetensors").exists()
     assert verify_folder(slim) == []
@@ -96,7 +98,7 @@ def test_latest_is_never_pruned(tmp_path):
     for step in (1, 2, 3):
         commit_fake(tmp_path, step, False)
     write_latest(tmp_path, checkpoint_name(1))  # e.g. pointing at a resumed-from checkpoint
-    prune(tmp_path, keep_last=1, keep_milestones=0)
+    prune(tmp_path, RetentionPolicy(1, 0))
     assert [i.step for i in catalog(tmp_path)] == [1, 3]
 
 
@@ -104,7 +106,7 @@ def test_latest_is_never_pruned(tmp_path):
 def test_keep_nothing_still_keeps_latest(tmp_path, keep_last):
     for step in (1, 2):
         commit_fake(tmp_path, step, False)
-    prune(tmp_path, keep_last=keep_last, keep_milestones=0)
+    prune(tmp_path, RetentionPolicy(keep_last, 0))
     assert [i.step for i in catalog(tmp_path)] == [2]
 
 
@@ -136,3 +138,21 @@ def test_bf16_weights_only_milestones_load_with_from_pretrained_and_an_interrupt
     folder.rename(folder.with_name(folder.name + ".old.tmp"))
     remove_stale_tmp(tmp_path)
     assert verify_folder(folder) == []
+
+
+def test_resume_says_in_words_why_it_does_not_take_what_latest_names(tmp_path):
+    from miras.checkpoint.catalog import find_resumable
+
+    for step in (1, 2):
+        commit_fake(tmp_path, step, False)
+    (tmp_path / "latest").write_bytes(b"\x00\xffgarbage that is not a folder name")
+    said = []
+    assert find_resumable(tmp_path, warn=said.append).name == "step_00000002"
+    assert said == [f"{tmp_path / 'latest'} does not hold a checkpoint name; resuming from step_00000002, the "
+                    "newest valid checkpoint"]  # fmt: skip
+    commit_fake(tmp_path, 3, False)
+    (tmp_path / "step_00000003" / "model.safetensors").write_bytes(b"cut")
+    said.clear()
+    assert find_resumable(tmp_path, warn=said.append).name == "step_00000002"
+    assert "step_00000003: model.safetensors: size 3" in said[0]
+    assert "names step_00000003, which is not a valid checkpoint" in said[1]

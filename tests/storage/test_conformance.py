@@ -8,8 +8,7 @@ import pytest
 
 from miras.storage import MissingKeyError, StorageError, open_backend
 from miras.storage.base import TMP_MARKER
-
-from .conftest import write
+from tests.servers import write
 
 NESTED = "run/checkpoints/step_00000012/trainer/it's a file.bin"
 

@@ -11,8 +11,7 @@ import pytest
 
 from miras.storage import StorageError, open_backend
 from miras.storage.base import TMP_MARKER
-
-from .conftest import write
+from tests.servers import write
 
 CHUNK = 256 * 1024
 
@@ -173,7 +172,7 @@ def test_a_key_the_server_does_not_know_fails_sign_in(drive, gdrive_url, gdrive_
 
 def _with_url(drive):
     """A fresh server object (new RSA key) that claims the running server's URL."""
-    from .drive_server import DriveServer
+    from tests.storage.drive_server import DriveServer
 
     other = DriveServer()
     other.httpd = drive.httpd

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from miras.storage import StorageError, installed_schemes, open_backend, parse_options, url_scheme
 from miras.storage.fsspec_backend import FsspecBackend
 from miras.storage.registry import scoped_options
-
-from .conftest import WEBDAV_PASSWORD, write
+from tests.servers import WEBDAV_PASSWORD, write
 
 
 def test_builtins_and_plugins_are_installed_as_entry_points():
@@ -130,3 +130,56 @@ def test_unconfigured_rclone_remote_is_a_clear_error(rclone_env, tmp_path):
     message = str(caught.value)
     assert "didn't find section in config file" in message and "RCLONE_CONFIG_NOSUCHREMOTE_TYPE" in message
     assert "CRITICAL" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize(
+    "url, message",
+    [("", "empty destination"), ("   ", "empty destination"), ("s3://", "names no bucket"),
+     ("gdrive://", "names no bucket"), ("file:///", "names no bucket"), ("/", "filesystem root")],
+)  # fmt: skip
+def test_empty_and_rootless_destinations_are_refused(url, message):
+    from miras.storage import check_destination
+
+    with pytest.raises(StorageError, match=message):
+        check_destination(url)
+    assert check_destination(" s3://bucket ") == "s3://bucket" and check_destination("runs") == "runs"
+
+
+def test_one_secret_list_by_words_of_the_name():
+    from miras.storage import is_secret_name, redact
+    from miras.storage.base import redact_word
+
+    for name in ("WANDB_API_KEY", "secret", "token", "key", "RCLONE_CONFIG_GD_PASS", "clientSecret",
+                 "GDRIVE_SERVICE_ACCOUNT_JSON_B64", "RCLONE_CONFIG_GD_SERVICE_ACCOUNT_CREDENTIALS", "s3.secret"):
+        assert is_secret_name(name), name
+    for name in ("tokenizer", "tokens_per_step", "pad_token_id", "AWS_ACCESS_KEY_ID", "ckpt_keep_last",
+                 "endpoint_url", "storage_option", "max_tokens"):  # fmt: skip
+        assert not is_secret_name(name), name
+    assert redact_word("--storage-option=s3.secret=abc") == "--storage-option=s3.secret=***"
+    assert redact_word("endpoint_url=http://x") == "endpoint_url=http://x"
+    assert redact("failed: https://me:hunter22@host/x") == "failed: https://me:***@host/x"
+
+
+def test_vast_launch_masks_environment_names_with_the_same_words():
+    """vast/launch.sh is shell: its mask must name no word outside the one list."""
+    import re
+
+    from miras.storage import SECRET_WORDS
+
+    launch = (Path(__file__).resolve().parents[2] / "vast" / "launch.sh").read_text()
+    patterns = re.search(r"^\s*(\*[A-Z0-9]+\*(?:\s*\|\s*\*[A-Z0-9]+\*)*)\)", launch, flags=re.M).group(1)
+    words = {word.lower() for word in re.findall(r"\*([A-Z0-9]+)\*", patterns)}
+    assert len(words) == 6 and words <= set(SECRET_WORDS), words
+
+
+def test_storage_imports_nothing_else_of_miras():
+    import ast
+
+    package = Path(__file__).resolve().parents[2] / "miras" / "storage"
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                name = ("." * node.level) + (node.module or "")
+                assert node.level <= 1 and not name.startswith("miras."), f"{path.name} imports {name}"
+            elif isinstance(node, ast.Import):
+                assert not any(alias.name.startswith("miras") for alias in node.names), path.name

@@ -8,10 +8,7 @@ import time
 
 import pytest
 
-from miras.train_args import build_parser
 from tests.vast.helpers import clean_env, process_alive, run_script
-
-TRAIN_HELP = build_parser().format_help()  # exactly what `python -m miras.train --help` prints
 
 
 def wait_for(condition, timeout, what):
@@ -23,7 +20,22 @@ def wait_for(condition, timeout, what):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-@pytest.mark.skipif("--resume" not in TRAIN_HELP, reason="miras train has no --resume yet")
+@pytest.mark.parametrize("status, stops", [(2, True), (3, True), (4, True), (5, False)])
+def test_statuses_a_restart_cannot_fix_stop_the_loop_and_a_held_lease_is_tried_again(tmp_path, status, stops):
+    """A fake training command: the loop stops at once on 2, 3 and 4; on 5 (the run held by another machine)
+    it tries again after MIRAS_LEASE_RETRY_DELAY, here until the attempt that writes the marker."""
+    marker, attempts = tmp_path / "finished", tmp_path / "attempts"
+    command = f'echo x >> {attempts}; [ $(wc -l < {attempts}) -ge 3 ] && touch {marker}; exit {status}'
+    env = clean_env(tmp_path, MIRAS_RESTART_DELAY="0", MIRAS_LEASE_RETRY_DELAY="0")
+    result = run_script("run_loop.sh", env, str(marker), "bash", "-c", command)
+    if stops:
+        assert result.returncode == status and attempts.read_text().count("x") == 1
+        assert f"status {status}" in result.stdout and "not restarting" in result.stdout
+    else:
+        assert result.returncode == 0 and attempts.read_text().count("x") == 3 and marker.exists()
+        assert "another machine holds the run" in result.stdout
+
+
 def test_loop_resumes_after_a_kill_and_stops_at_finished(tmp_path):
     workspace, runs = tmp_path / "workspace", tmp_path / "runs"
     train_args = (

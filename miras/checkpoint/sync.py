@@ -33,11 +33,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..checkpoint.layout import CHECKPOINTS_DIR, LATEST_NAME, MANIFEST_NAME, checkpoint_name, parse_step
-from ..checkpoint.manifest import NODES_KEY, ManifestError, read_manifest
-from .base import StorageBackend, StorageError, clean_key, join_key, one_line, redact
-from .registry import open_backend
+from ..storage import StorageBackend, StorageError, check_destination, join_key, open_backend, redact
+from ..storage.base import clean_key, one_line
+from .latest import read_latest, write_latest
+from .layout import CHECKPOINTS_DIR, MANIFEST_NAME, checkpoint_name, parse_step
+from .lease import DEFAULT_TIMEOUT, Lease, LeaseHeld
+from .manifest import NODES_KEY, ManifestError, read_manifest
 from .remote import run_url
+from .retention import KEEP_ALL, RetentionPolicy
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,8 @@ class _Destination:
     superseded: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    lease: Lease | None = None  # held while this session writes the run there (see lease.py)
+    lost_to: str | None = None  # the holder that took the lease over: nothing more goes there
 
 
 class Syncer:
@@ -100,9 +105,9 @@ class Syncer:
     Training never waits: `submit_*` only queue work. Failed uploads are retried with exponential back-off
     (`backoff`, doubling, at most `max_retries` retries per job); a newer checkpoint supersedes a queued
     non-milestone one (milestones and the final checkpoint are never skipped); with `milestones_only`
-    only milestones and the final checkpoint go up. After each checkpoint upload the remote keeps the last
-    `keep_last` checkpoints plus the last `keep_milestones` milestones (None: keep all), never the one remote
-    `latest` names; a failed delete is logged, not fatal.
+    only milestones and the final checkpoint go up. After each checkpoint upload the remote keeps what the
+    `retention` policy keeps (the local one's), never the one remote `latest` names; a failed delete is
+    logged, not fatal.
 
     Multi-node: with a run folder every node shares, only global rank 0 constructs a Syncer (every rank's
     files are in the folder it uploads). With node-local disks each node constructs one with `node` set (see
@@ -117,8 +122,7 @@ class Syncer:
         run_name: str,
         run_dir: Path,
         options: dict[str, str] | None = None,
-        keep_last: int | None = 12,
-        keep_milestones: int | None = 24,
+        retention: RetentionPolicy = KEEP_ALL,
         milestones_only: bool = False,
         max_retries: int | None = 10,
         backoff: float = 2.0,
@@ -134,7 +138,7 @@ class Syncer:
             raise StorageError(f"bad run name {run_name!r} for syncing")
         self.run_dir = Path(run_dir)
         self.options = dict(options or {})
-        self.keep_last, self.keep_milestones = keep_last, keep_milestones
+        self.retention = retention
         self.milestones_only = milestones_only
         self.max_retries, self.backoff, self.max_backoff = max_retries, backoff, max_backoff
         self.node, self.poll, self.max_poll = node, poll, max_poll
@@ -142,15 +146,12 @@ class Syncer:
         self._closing = False
         self._abort = threading.Event()
         self._last_error: str | None = None
-        self._scratch = Path(tempfile.mkdtemp(prefix="miras-sync-"))
-        seen: set[str] = set()
+        self._heartbeat: threading.Thread | None = None
         self._destinations: list[_Destination] = []
-        for url in destinations:
-            if url in seen:
-                continue
-            seen.add(url)
+        for url in dict.fromkeys(check_destination(url) for url in destinations):
             # Opening checks the scheme and options now (one-line StorageError), before training starts.
             self._destinations.append(_Destination(url=url, backend=open_backend(run_url(url, self.run_name), options)))
+        self._scratch = Path(tempfile.mkdtemp(prefix="miras-sync-"))  # after every check: nothing left on failure
         for dest in self._destinations:
             dest.thread = threading.Thread(
                 target=self._worker, args=(dest,), name=f"miras-sync:{dest.url}", daemon=True
@@ -184,6 +185,62 @@ class Syncer:
                 local.unlink(missing_ok=True)
                 (self._scratch / (key + ".back")).unlink(missing_ok=True)
 
+    def hold_leases(self, owner: str, takeover: bool = False, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+        """Take the run's lease at every destination (LeaseHeld, one line, when another machine holds one),
+        then renew them every timeout/4 seconds until close(). Returns notes on leases taken over."""
+        notes, where = [], ""
+        try:
+            for dest in self._destinations:
+                # A backend of its own: the heartbeat must not wait behind (or share state with) an upload.
+                backend = open_backend(run_url(dest.url, self.run_name), self.options)
+                where = redact(run_url(dest.url, self.run_name), self.options)
+                lease = Lease(backend, owner, self.run_dir, timeout, where=where)
+                note = lease.acquire(takeover)
+                dest.lease = lease
+                notes += [note] if note else []
+        except LeaseHeld:
+            self._release_leases()
+            raise
+        except Exception as error:
+            self._release_leases()
+            raise StorageError(f"cannot take the lease at {where}: {redact(one_line(error), self.options)}") from None
+        self._heartbeat = threading.Thread(target=self._beat, args=(timeout / 4,), name="miras-lease", daemon=True)
+        self._heartbeat.start()
+        return notes
+
+    def _beat(self, interval: float) -> None:
+        while not self._abort.wait(interval):  # beats on while close() still uploads
+            for dest in self._destinations:
+                if dest.lease is None or dest.lost_to:
+                    continue
+                try:
+                    held = dest.lease.renew()
+                except Exception as error:  # the next beat tries again; the lease lasts `timeout`
+                    log.warning("sync %s: could not renew the lease: %s", dest.lease.where,
+                                redact(one_line(error), self.options))  # fmt: skip
+                    continue
+                if not held:
+                    self._lose(dest, dest.lease.holder())
+
+    def _lose(self, dest: _Destination, holder: str) -> None:
+        with self._lock:
+            dest.lost_to = holder
+            dest.queue.clear()
+            self._last_error = f"{dest.lease.where}: the lease was taken over by {holder}"
+            self._lock.notify_all()
+        log.error("sync %s: %s took the run over (--takeover); nothing more is uploaded there",
+                  dest.lease.where, holder)  # fmt: skip
+
+    def _release_leases(self) -> None:
+        for dest in self._destinations:
+            if dest.lease is not None and not dest.lost_to:
+                try:
+                    dest.lease.release()
+                except Exception as error:  # it expires by itself
+                    log.warning("sync %s: could not release the lease: %s", dest.lease.where,
+                                redact(one_line(error), self.options))  # fmt: skip
+            dest.lease = None
+
     def submit_checkpoint(self, folder: Path, step: int, milestone: bool, final: bool = False) -> None:
         """Queue a committed checkpoint folder (non-blocking)."""
         if self.milestones_only and not milestone and not final:
@@ -191,6 +248,8 @@ class Syncer:
         with self._lock:
             self._check_open()
             for dest in self._destinations:
+                if dest.lost_to:
+                    continue
                 kept = deque()
                 for job in dest.queue:
                     if isinstance(job, _CheckpointJob) and job.supersedable and job is not dest.busy:
@@ -208,6 +267,8 @@ class Syncer:
         with self._lock:
             self._check_open()
             for dest in self._destinations:
+                if dest.lost_to:
+                    continue
                 if not any(isinstance(j, _FileJob) and j.path == path and j is not dest.busy for j in dest.queue):
                     dest.queue.append(_FileJob(path))
             self._lock.notify_all()
@@ -235,12 +296,34 @@ class Syncer:
         self._abort.set()  # stragglers stop at their next step; a put in flight can't be interrupted
         with self._lock:
             self._lock.notify_all()
-            complete = all(not d.queue and not d.thread.is_alive() and not d.given_up for d in self._destinations)
+            complete = all(not d.queue and not d.thread.is_alive() and not d.given_up and not d.lost_to
+                           for d in self._destinations)  # fmt: skip
         if not complete:
-            left = sum(len(d.queue) for d in self._destinations)
-            log.warning("sync: closing with %d upload(s) not done (last error: %s)", left, self._last_error)
+            log.warning("sync: not everything went up: %s", self.unfinished())
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        self._release_leases()
         shutil.rmtree(self._scratch, ignore_errors=True)
         return complete
+
+    def unfinished(self) -> str:
+        """What is not uploaded, in words: per destination what is still queued or was given up, and why."""
+        parts = []
+        with self._lock:
+            for dest in self._destinations:
+                checkpoints = sorted(j.step for j in dest.queue if isinstance(j, _CheckpointJob))
+                files = sorted({j.path.name for j in dest.queue if isinstance(j, _FileJob)})
+                what = [f"checkpoint{'s' * (len(checkpoints) > 1)} {', '.join(map(checkpoint_name, checkpoints))}"]
+                what = (what if checkpoints else []) + ([", ".join(files)] if files else [])
+                if what:
+                    parts.append(f"{' and '.join(what)} still to upload to {dest.url}")
+                if dest.given_up:
+                    parts.append(f"{dest.given_up} upload(s) to {dest.url} given up after every retry")
+                if dest.lost_to:
+                    parts.append(f"{dest.url}: the run was taken over by {dest.lost_to}")
+            if parts and self._last_error:
+                parts.append(f"the last failure: {self._last_error}")
+        return "; ".join(parts) or "an upload was still running when the time ran out"
 
     # -- worker
     def _check_open(self) -> None:
@@ -256,7 +339,7 @@ class Syncer:
             with self._lock:
                 while not dest.queue and not self._closing and not self._abort.is_set():
                     self._lock.wait()
-                if self._abort.is_set() or not dest.queue:
+                if self._abort.is_set() or not dest.queue or dest.lost_to:
                     return
                 job = dest.busy = dest.queue[0]
             try:
@@ -360,12 +443,7 @@ class Syncer:
         sent += (job.folder / MANIFEST_NAME).stat().st_size
         dest.milestones[job.step] = job.milestone
         if dest.latest_step is None or job.step >= dest.latest_step:  # ... then `latest` (never backwards)
-            pointer = self._scratch / f"latest-{uuid.uuid4().hex}"
-            pointer.write_text(name + "\n")
-            try:
-                dest.backend.put(pointer, f"{CHECKPOINTS_DIR}/{LATEST_NAME}")
-            finally:
-                pointer.unlink(missing_ok=True)
+            write_latest(dest.backend, name)
             dest.latest_step = job.step
         try:
             self._retain(dest, current=job.step)
@@ -426,18 +504,8 @@ class Syncer:
                 local.unlink(missing_ok=True)
         return dest.milestones[step]
 
-    def _remote_latest(self, dest: _Destination) -> str | None:
-        local = self._scratch / f"latest-{uuid.uuid4().hex}"
-        try:
-            dest.backend.get(f"{CHECKPOINTS_DIR}/{LATEST_NAME}", local)
-            return local.read_text().strip()
-        except FileNotFoundError:
-            return None
-        finally:
-            local.unlink(missing_ok=True)
-
     def _retain(self, dest: _Destination, current: int) -> None:
-        if self.keep_last is None and self.keep_milestones is None:
+        if self.retention.keeps_all:
             return
         folders: dict[str, list[str]] = {}
         for key in dest.backend.list(CHECKPOINTS_DIR):
@@ -446,9 +514,9 @@ class Syncer:
                 folders.setdefault(parts[1], []).append(key)
         complete = sorted((n for n, keys in folders.items() if f"{CHECKPOINTS_DIR}/{n}/{MANIFEST_NAME}" in keys),
                           key=parse_step)  # fmt: skip
-        keep = {checkpoint_name(current), self._remote_latest(dest)}
-        keep.update(_last(complete, self.keep_last))
-        keep.update(_last([n for n in complete if self._milestone(dest, n)], self.keep_milestones))
+        protect = {current, parse_step(read_latest(dest.backend) or "")} - {None}
+        kept = self.retention.kept([(parse_step(n), self._milestone(dest, n)) for n in complete], protect)
+        keep = {checkpoint_name(step) for step in kept}
         doomed = [n for n in complete if n not in keep]
         # Unfinished uploads older than the checkpoint just completed (a previous instance died mid-upload).
         doomed += [n for n in folders if n not in complete and parse_step(n) < current and n not in keep]
@@ -465,11 +533,6 @@ class Syncer:
             else:
                 log.info("sync %s: removed remote %s (retention)", dest.url, name)
                 dest.milestones.pop(parse_step(name), None)
-
-
-def _last(items: list[str], count: int | None) -> list[str]:
-    """The last `count` items (all of them for None)."""
-    return list(items) if count is None else list(items)[max(0, len(items) - max(0, count)) :]
 
 
 def estimated_daily_bytes(checkpoint_bytes: int, seconds_between_checkpoints: float) -> float:

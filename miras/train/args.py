@@ -11,10 +11,11 @@ import argparse
 import sys
 import time
 
-from .argtypes import byte_size, non_negative_float, non_negative_int, positive_float, positive_int
-from .configuration import MODEL_SIZES
-from .data import BUILTIN, DEFAULT_HUB_DATASET, PYTHON_SOURCE
-from .memory.dispatch import IMPLEMENTATIONS
+from ..argtypes import byte_size, non_negative_float, non_negative_int, positive_float, positive_int
+from ..configuration import MODEL_SIZES
+from ..data import BUILTIN, DEFAULT_HUB_DATASET, PYTHON_SOURCE
+from ..memory.dispatch import IMPLEMENTATIONS
+from ..storage import StorageError, check_destination
 
 # The paper's token budgets (MIRAS Table 5 and text); also the cosine schedule's horizon.
 PAPER_TOKEN_BUDGET = {"xs": 100_000_000, "s": 15_000_000_000, "m": 15_000_000_000, "l": 30_000_000_000}
@@ -38,13 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument_group("model").add_argument
     add("--model-size", default="xs", choices=list(MODEL_SIZES), help="size preset (default: xs)")
-    add("--compile", action="store_true", help="torch.compile the memory's chunk step (the hot loop)")
+    add("--compile", action="store_true", help="torch.compile each block, one graph each (the memory op included)")
     add(
         "--memory-impl",
         default=None,
         choices=list(IMPLEMENTATIONS),
-        help="what runs the memory: torch, triton (fused kernels, CUDA, pip install 'miras[triton]') or auto "
-        "(for now torch); the function is the same (default: the config's, auto for a new run)",
+        help="what runs the memory: torch, compiled (its steps through torch.compile), triton (fused kernels, CUDA, "
+        "pip install 'miras[triton]') or auto (for now torch); the function is the same (default: the config's, "
+        "auto for a new run)",
     )
     add("--no-grad-checkpoint", action="store_true", help="disable block activation checkpointing (on by default)")
     add(
@@ -181,6 +183,17 @@ def build_parser() -> argparse.ArgumentParser:
     add("--sync-milestones-only", action="store_true", help="upload only milestones and the final checkpoint")
     add("--sync-timeout", type=non_negative_float, default=600.0, help="seconds to finish uploads at exit")
     add("--sync-optional", action="store_true", help="train even if a destination fails the startup probe")
+    add(
+        "--takeover",
+        action="store_true",
+        help="take the run over at the destinations even if another machine's lease on it is still live",
+    )
+    add(
+        "--lease-timeout",
+        type=positive_float,
+        default=300.0,
+        help="seconds after its last heartbeat that another machine's lease on the run expires (default 300)",
+    )
     add("--remote-keep-last", type=non_negative_int, default=None, help="default: --ckpt-keep-last")
     add("--remote-keep-milestones", type=non_negative_int, default=None, help="default: --ckpt-keep-milestones")
     add("--gdrive-sync", action="store_true", help="seed alias: --sync-to rclone://GDRIVE_REMOTE/GDRIVE_DIR")
@@ -223,6 +236,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("arguments --resume and --init-from: pick one (resume continues a run, init-from starts one)")
     if args.gdrive_sync:
         args.sync_to.append(f"rclone://{args.gdrive_remote}/{args.gdrive_dir.strip('/')}")
+    try:
+        args.sync_to = [check_destination(url) for url in args.sync_to]
+    except StorageError as error:
+        parser.error(f"argument --sync-to: {error}")
     if args.run_name is None:
         args.run_name = time.strftime("%Y%m%d-%H%M%S") + f"-{args.model_size}"
     elif not args.run_name or "/" in args.run_name or args.run_name.startswith("."):

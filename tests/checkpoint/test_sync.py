@@ -1,4 +1,4 @@
-"""The Syncer (background uploads, retries, supersession, retention) and remote resume helpers."""
+"""The Syncer (background uploads, retries, supersession, remote retention) and remote resume helpers."""
 
 from __future__ import annotations
 
@@ -10,19 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from miras.checkpoint.latest import read_latest
 from miras.checkpoint.layout import checkpoint_name
 from miras.checkpoint.manifest import build_manifest, verify_folder, write_manifest
-from miras.storage import (
-    StorageError,
-    Syncer,
-    download_checkpoint,
-    drive_cap_warning,
-    find_remote_checkpoints,
-    open_backend,
-    pull_latest,
-    read_remote_latest,
-)
-from miras.storage.base import redact
+from miras.checkpoint.remote import download_checkpoint, find_remote_checkpoints, pull_latest
+from miras.checkpoint.retention import RetentionPolicy
+from miras.checkpoint.sync import Syncer, drive_cap_warning
+from miras.storage import StorageError, open_backend, redact
 
 FAST = {"max_retries": 3, "backoff": 0.01}
 
@@ -43,6 +37,13 @@ def remote_steps(url_run: str, options=None) -> list[int]:
     return [step for step, _ in find_remote_checkpoints(url_run, options)]
 
 
+def wait_for(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {condition}"
+        time.sleep(0.01)
+
+
 def wait_idle(syncer: Syncer, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while syncer.status()["sync_queued"] and time.monotonic() < deadline:
@@ -61,7 +62,7 @@ def run_dir(tmp_path):
 
 def test_two_destinations_receive_everything_and_resume_from_either(run_dir, tmp_path):
     dests = [str(tmp_path / "remote-a"), "memory://miras-sync/" + tmp_path.name]
-    syncer = Syncer(dests, "r1", run_dir, keep_last=None, keep_milestones=None, **FAST)
+    syncer = Syncer(dests, "r1", run_dir, **FAST)
     syncer.probe()
     syncer.submit_file(run_dir / "config.json")
     for step in (10, 20):
@@ -75,7 +76,7 @@ def test_two_destinations_receive_everything_and_resume_from_either(run_dir, tmp
     for url in dests:
         run_url = f"{url}/r1"
         assert remote_steps(run_url) == [10, 20]
-        assert read_remote_latest(open_backend(run_url)) == "step_00000020"
+        assert read_latest(open_backend(run_url)) == "step_00000020"
         assert sorted(open_backend(run_url).list("")) == sorted(
             ["config.json", "metrics.jsonl", "checkpoints/latest"]
             + [f"checkpoints/step_000000{s}/{f}" for s in (10, 20)
@@ -103,7 +104,7 @@ def test_upload_order_is_files_then_manifest_then_latest(run_dir, tmp_path):
 
 def test_destination_failing_the_first_puts_ends_up_with_every_checkpoint(run_dir, tmp_path):
     url = f"testfs://{tmp_path}/remote"
-    syncer = Syncer([url], "r1", run_dir, options={"fail_puts": "5"}, keep_last=None, max_retries=5, backoff=0.01)
+    syncer = Syncer([url], "r1", run_dir, options={"fail_puts": "5"}, max_retries=5, backoff=0.01)
     for step in (1, 2, 3):
         syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=True), step, True)  # never superseded
     syncer.submit_file(run_dir / "metrics.jsonl")
@@ -124,11 +125,10 @@ def test_destination_down_for_the_whole_run(run_dir, tmp_path, caplog):
         syncer.probe()
     assert "\n" not in str(caught.value) and "is down" in str(caught.value)
     folders = [make_checkpoint(run_dir, step, milestone=True) for step in (1, 2)]
-    started = time.monotonic()
     for step, folder in zip((1, 2), folders):
-        syncer.submit_checkpoint(folder, step, True)  # returns at once: training never waits
-    assert time.monotonic() - started < 0.5
-    with caplog.at_level(logging.ERROR, logger="miras.storage.sync"):
+        syncer.submit_checkpoint(folder, step, True)  # only queues: training never waits for an upload
+    assert syncer.status()["sync_queued"] >= 1 and syncer.status()["sync_uploaded"] == 0
+    with caplog.at_level(logging.ERROR, logger="miras.checkpoint.sync"):
         assert syncer.close(timeout=10) is False
     status = syncer.status()
     assert status["sync_uploaded"] == 0 and status["sync_failed"] == 6 and status["sync_gave_up"] == 2
@@ -138,17 +138,22 @@ def test_destination_down_for_the_whole_run(run_dir, tmp_path, caplog):
 
 
 def test_close_is_bounded_when_uploads_take_longer(run_dir, tmp_path):
-    syncer = Syncer([f"testfs://{tmp_path}/remote"], "r1", run_dir, options={"delay": "0.5"}, **FAST)
+    """Each put takes 60 s: close(0.3) returns (False) long before one of them could finish."""
+    import threading
+
+    syncer = Syncer([f"testfs://{tmp_path}/remote"], "r1", run_dir, options={"delay": "60"}, **FAST)
     syncer.submit_checkpoint(make_checkpoint(run_dir, 1, milestone=True), 1, True)
-    started = time.monotonic()
-    assert syncer.close(timeout=0.3) is False
-    assert time.monotonic() - started < 1.0
+    returned = []
+    closing = threading.Thread(target=lambda: returned.append(syncer.close(timeout=0.3)), daemon=True)
+    closing.start()
+    closing.join(30)
+    assert returned == [False] and syncer.status()["sync_uploaded"] == 0
 
 
 def test_newer_checkpoint_supersedes_queued_non_milestones_but_never_milestones(run_dir, tmp_path):
     url = f"testfs://{tmp_path}/remote"
     journal = tmp_path / "journal"
-    syncer = Syncer([url], "r1", run_dir, options={"delay": "0.05", "journal": str(journal)}, keep_last=None, **FAST)
+    syncer = Syncer([url], "r1", run_dir, options={"delay": "0.05", "journal": str(journal)}, **FAST)
     folders = {step: make_checkpoint(run_dir, step, milestone=step == 3) for step in (1, 2, 3, 4, 5)}
     syncer.submit_checkpoint(folders[1], 1, False)
     deadline = time.monotonic() + 10
@@ -158,12 +163,12 @@ def test_newer_checkpoint_supersedes_queued_non_milestones_but_never_milestones(
         syncer.submit_checkpoint(folders[step], step, step == 3)
     assert syncer.close(timeout=30)
     assert remote_steps(f"{url}/r1") == [1, 3, 5]
-    assert read_remote_latest(open_backend(f"{url}/r1")) == "step_00000005"
+    assert read_latest(open_backend(f"{url}/r1")) == "step_00000005"
 
 
 def test_milestones_only_uploads_milestones_and_the_final_checkpoint(run_dir, tmp_path):
     url = f"testfs://{tmp_path}/remote"
-    syncer = Syncer([url], "r1", run_dir, milestones_only=True, keep_last=None, **FAST)
+    syncer = Syncer([url], "r1", run_dir, milestones_only=True, **FAST)
     for step in (1, 2, 3):
         syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=step == 2), step, step == 2)
         wait_idle(syncer)
@@ -174,7 +179,7 @@ def test_milestones_only_uploads_milestones_and_the_final_checkpoint(run_dir, tm
 
 def test_remote_retention_keeps_last_n_and_last_m_milestones(run_dir, tmp_path):
     url = f"testfs://{tmp_path}/remote"
-    syncer = Syncer([url], "r1", run_dir, keep_last=2, keep_milestones=1, **FAST)
+    syncer = Syncer([url], "r1", run_dir, retention=RetentionPolicy(2, 1), **FAST)
     for step in range(1, 7):
         syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=step in (2, 4)), step, step in (2, 4))
         wait_idle(syncer)
@@ -186,22 +191,22 @@ def test_remote_retention_keeps_last_n_and_last_m_milestones(run_dir, tmp_path):
 
 def test_retention_reads_milestone_flags_from_remote_manifests_and_never_removes_latest(run_dir, tmp_path):
     url = f"testfs://{tmp_path}/remote"
-    first = Syncer([url], "r1", run_dir, keep_last=None, keep_milestones=None, **FAST)
+    first = Syncer([url], "r1", run_dir, **FAST)
     for step in (1, 2, 3):
         first.submit_checkpoint(make_checkpoint(run_dir, step, milestone=step == 2), step, step == 2)
         wait_idle(first)
     assert first.close(10)
     # A new instance (say, after a preemption) knows nothing of steps 1-3 but the remote manifests.
-    second = Syncer([url], "r1", run_dir, keep_last=1, keep_milestones=1, **FAST)
+    second = Syncer([url], "r1", run_dir, retention=RetentionPolicy(1, 1), **FAST)
     second.submit_checkpoint(make_checkpoint(run_dir, 4), 4, False)
     assert second.close(10)
     assert remote_steps(f"{url}/r1") == [2, 4]
     # keep nothing: the checkpoint `latest` names still stays.
-    third = Syncer([url], "r1", run_dir, keep_last=0, keep_milestones=0, **FAST)
+    third = Syncer([url], "r1", run_dir, retention=RetentionPolicy(0, 0), **FAST)
     third.submit_checkpoint(make_checkpoint(run_dir, 5), 5, False)
     assert third.close(10)
     assert remote_steps(f"{url}/r1") == [5]
-    assert read_remote_latest(open_backend(f"{url}/r1")) == "step_00000005"
+    assert read_latest(open_backend(f"{url}/r1")) == "step_00000005"
 
 
 def test_run_file_snapshot_keeps_whole_jsonl_lines_and_latest_content(run_dir, tmp_path):
@@ -216,7 +221,7 @@ def test_run_file_snapshot_keeps_whole_jsonl_lines_and_latest_content(run_dir, t
 
 def test_pull_latest_skips_a_corrupt_remote_checkpoint(run_dir, tmp_path, caplog):
     remote = tmp_path / "remote"
-    syncer = Syncer([str(remote)], "r1", run_dir, keep_last=None, **FAST)
+    syncer = Syncer([str(remote)], "r1", run_dir, **FAST)
     for step in (1, 2):
         syncer.submit_checkpoint(make_checkpoint(run_dir, step, milestone=True), step, True)
     syncer.submit_file(run_dir / "metrics.jsonl")
@@ -224,7 +229,7 @@ def test_pull_latest_skips_a_corrupt_remote_checkpoint(run_dir, tmp_path, caplog
     shard = remote / "r1" / "checkpoints" / "step_00000002" / "model.safetensors"
     shard.write_bytes(b"flipped" + shard.read_bytes()[7:])  # same size, different bytes
     fresh = tmp_path / "fresh"
-    with caplog.at_level(logging.WARNING, logger="miras.storage.remote"):
+    with caplog.at_level(logging.WARNING, logger="miras.checkpoint.remote"):
         pulled = pull_latest(str(remote / "r1"), fresh)
     assert pulled == fresh / "checkpoints" / "step_00000001" and verify_folder(pulled) == []
     assert "step_00000002" in caplog.text and "sha256" in caplog.text
@@ -302,8 +307,7 @@ def test_node_local_uploads_publish_only_after_every_node_confirmed_its_own_file
     poll = {"poll": 0.01, "max_poll": 0.05, **FAST}
     node0 = Syncer([str(remote)], "r1", runs[0], node=0, **poll)
     node0.submit_checkpoint(folders[0], 2, False)
-    time.sleep(0.5)
-    assert (remote / "r1" / "checkpoints" / "step_00000002" / "model.safetensors").exists()
+    wait_for((remote / "r1" / "checkpoints" / "step_00000002" / "model.safetensors").exists)
     assert remote_steps(str(remote / "r1")) == [] and node0.status()["sync_queued"] == 1  # waiting for node 1
 
     # Node 1's destination fails more puts than FAST's 3 retries: a node keeps retrying (max_retries=None).
@@ -312,7 +316,7 @@ def test_node_local_uploads_publish_only_after_every_node_confirmed_its_own_file
     assert node1.close(timeout=20) and node0.close(timeout=20)
     assert node1.status()["sync_failed"] == 5 and node1.status()["sync_gave_up"] == 0
     assert remote_steps(str(remote / "r1")) == [2]
-    assert read_remote_latest(open_backend(str(remote / "r1"))) == "step_00000002"
+    assert read_latest(open_backend(str(remote / "r1"))) == "step_00000002"
     assert verify_folder(remote / "r1" / "checkpoints" / "step_00000002") == []
     assert json.loads(stale.read_text())["files"]["trainer/rank_00001.pt"]["size"] == 201
 
@@ -324,10 +328,29 @@ def test_node_0_stops_waiting_for_a_checkpoint_a_newer_one_supersedes(tmp_path):
     poll = {"poll": 0.01, "max_poll": 0.05, **FAST}
     node0 = Syncer([str(remote)], "r1", runs[0], node=0, **poll)
     node0.submit_checkpoint(old[0], 2, False)
-    time.sleep(0.3)
-    node0.submit_checkpoint(new[0], 4, False)
+    wait_for((remote / "r1" / "checkpoints" / "step_00000002" / "trainer" / "rank_00000.pt").exists)
+    node0.submit_checkpoint(new[0], 4, False)  # step 2's own files are up: it waits for node 1 now
     node1 = Syncer([str(remote)], "r1", runs[1], node=1, **poll)
     node1.submit_checkpoint(new[1], 4, False)  # node 1 skipped step 2 (superseded before it started)
     assert node1.close(timeout=20) and node0.close(timeout=20)
     assert remote_steps(str(remote / "r1")) == [4]
     assert node0._destinations[0].superseded == 1
+
+
+def test_a_refused_destination_leaves_no_temporary_folder(run_dir, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    for bad in (["", str(tmp_path / "ok")], [str(tmp_path / "ok"), "ftp://host/x"]):
+        with pytest.raises(StorageError):
+            Syncer(bad, "r1", run_dir)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_close_names_what_did_not_go_up_in_words(run_dir, tmp_path):
+    syncer = Syncer([f"testfs://{tmp_path}/remote"], "r1", run_dir, options={"down": "true"}, max_retries=0)
+    syncer.submit_checkpoint(make_checkpoint(run_dir, 1, milestone=True), 1, True)
+    assert syncer.close(timeout=10) is False
+    words = syncer.unfinished()
+    assert "given up after every retry" in words and "is down" in words and "None" not in words

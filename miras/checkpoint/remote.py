@@ -1,5 +1,5 @@
-"""Resume from a remote run folder: find, download and verify checkpoints (used by `--resume auto` and
-`miras storage pull`).
+"""Checkpoints at a remote run folder: find, download and verify them (resume, `miras storage pull`,
+`miras generate URL`).
 
 A remote run folder mirrors the local one: `URL/<run_name>/config.json`, `metrics.jsonl`,
 `checkpoints/step_XXXXXXXX/...` (manifest.json uploaded last) and `checkpoints/latest`. A remote folder
@@ -15,10 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..checkpoint.layout import CHECKPOINTS_DIR, LATEST_NAME, MANIFEST_NAME, parse_step
-from ..checkpoint.manifest import ManifestError, read_manifest, sha256_file, verify_folder
-from .base import StorageBackend, StorageError, clean_key, join_key, one_line
-from .registry import open_backend
+from ..storage import StorageBackend, StorageError, join_key, open_backend
+from ..storage.base import clean_key, one_line
+from .latest import read_latest, write_latest
+from .layout import CHECKPOINTS_DIR, MANIFEST_NAME, parse_step
+from .manifest import ManifestError, read_manifest, sha256_file, verify_folder
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,15 @@ def find_remote_checkpoints(
     return sorted(found)
 
 
-def read_remote_latest(backend: StorageBackend, prefix: str = "") -> str | None:
-    """The folder name in a remote run folder's `checkpoints/latest`, or None."""
-    with tempfile.TemporaryDirectory(prefix="miras-latest-") as tmp:
-        try:
-            backend.get(join_key(prefix, CHECKPOINTS_DIR, LATEST_NAME), Path(tmp) / LATEST_NAME)
-        except FileNotFoundError:
-            return None
-        name = (Path(tmp) / LATEST_NAME).read_text().strip()
-    return name if parse_step(name) is not None else None
+def remote_candidates(backend: StorageBackend) -> list[str]:
+    """Names of the complete remote checkpoints in the order resume tries them: the one remote `latest` names,
+    then the others newest first."""
+    names = [key.rsplit("/", 1)[1] for _step, key in reversed(find_remote_checkpoints(backend))]
+    latest = read_latest(backend)
+    if latest in names:
+        names.remove(latest)
+        names.insert(0, latest)
+    return names
 
 
 def download_checkpoint(
@@ -122,13 +123,6 @@ def _reuse(have: Path, target: Path, entry: dict) -> bool:
         return False
 
 
-def _write_latest(checkpoints_dir: Path, name: str) -> None:
-    path = checkpoints_dir / LATEST_NAME
-    tmp = path.with_name(LATEST_NAME + ".tmp")
-    tmp.write_text(name + "\n")
-    os.replace(tmp, path)
-
-
 def pull_latest(
     url_run: StorageBackend | str,
     local_run_dir: Path,
@@ -145,22 +139,14 @@ def pull_latest(
     """
     backend = _backend(url_run, options)
     local_run_dir = Path(local_run_dir)
-    complete = find_remote_checkpoints(backend)
-    if not complete:
-        return None
-    names = [key.rsplit("/", 1)[1] for _step, key in reversed(complete)]
-    latest = read_remote_latest(backend)
-    if latest in names:
-        names.remove(latest)
-        names.insert(0, latest)
     checkpoints_dir = local_run_dir / CHECKPOINTS_DIR
-    for name in names:
+    for name in remote_candidates(backend):
         try:
             path = download_checkpoint(backend, f"{CHECKPOINTS_DIR}/{name}", checkpoints_dir / name)
         except StorageError as error:
             log.warning("skipping remote checkpoint %s: %s", name, one_line(error))
             continue
-        _write_latest(checkpoints_dir, name)
+        write_latest(checkpoints_dir, name)
         for run_file in run_files:
             target = local_run_dir / run_file
             if target.exists() and not overwrite_run_files:
@@ -176,7 +162,7 @@ def pull_latest(
 
 def remote_checkpoint_summary(backend: StorageBackend) -> list[dict]:
     """For `miras storage ls --checkpoints`: each complete checkpoint's step, key, milestone flag, latest mark."""
-    latest = read_remote_latest(backend)
+    latest = read_latest(backend)
     summary = []
     for step, key in find_remote_checkpoints(backend):
         with tempfile.TemporaryDirectory(prefix="miras-manifest-") as tmp:
