@@ -44,6 +44,7 @@ from miras.modeling import MonetaMixer
 
 SECTIONS = ("train", "memory", "mixer", "decode")
 MEMORY_CHECKPOINT_GROUP = 0  # MonetaConfig.memory_checkpoint_group, set by --memory-checkpoint-group
+MEMORY_IMPL = "auto"  # MonetaConfig.memory_impl, set by --memory-impl
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, CHUNK = 4096, 256, 4, 4, 688, 64
 MODELS = ("moneta", "llama")
 
@@ -61,6 +62,7 @@ def moneta_config(chunk_size: int = CHUNK, layers: int = LAYERS) -> miras.Moneta
         intermediate_size=FFN,
         chunk_size=chunk_size,
         memory_checkpoint_group=MEMORY_CHECKPOINT_GROUP,
+        memory_impl=MEMORY_IMPL,
     )
 
 
@@ -78,7 +80,7 @@ def llama_config() -> LlamaConfig:
     )
 
 
-def build_model(kind: str, seed: int, grad_checkpoint: bool = False) -> nn.Module:
+def build_model(kind: str, seed: int, grad_checkpoint: bool = False, compile_blocks: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "moneta":
         model = miras.MonetaForCausalLM(moneta_config())
@@ -91,6 +93,9 @@ def build_model(kind: str, seed: int, grad_checkpoint: bool = False) -> nn.Modul
     if grad_checkpoint:  # block-level activation checkpointing (renamed in transformers 5.x)
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable()
+    if compile_blocks and kind == "moneta":  # as `miras train --compile`: one graph per block, the memory op in it
+        for block in model.model.layers:
+            block.compile(fullgraph=True)
     return model
 
 
@@ -145,7 +150,7 @@ def train_step(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optim
 
 
 def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bool) -> dict:
-    model = build_model(kind, args.seed, grad_checkpoint)
+    model = build_model(kind, args.seed, grad_checkpoint, args.compile)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(args.seed))
@@ -265,7 +270,7 @@ def run_peak_memory(kind: str, seq_len: int, grad_checkpoint: bool, args) -> dic
     command += ["--threads", str(args.threads), "--seed", str(args.seed)]
     if grad_checkpoint:
         command.append("--grad-checkpoint")
-    command += ["--memory-checkpoint-group", str(args.memory_checkpoint_group)]
+    command += ["--memory-checkpoint-group", str(args.memory_checkpoint_group), "--memory-impl", args.memory_impl]
     env = dict(os.environ)
     if args.malloc_mmap_threshold:
         # glibc then serves every allocation above the threshold with its own mmap and returns it on
@@ -525,7 +530,7 @@ def output_cache(output):
 
 @torch.no_grad()
 def time_decoding(kind: str, context: int, args) -> dict:
-    model = build_model(kind, args.seed).eval()
+    model = build_model(kind, args.seed, compile_blocks=args.compile).eval()
     ids = torch.randint(0, VOCAB, (1, context), generator=torch.Generator().manual_seed(args.seed))
     start = time.perf_counter()
     output = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -621,7 +626,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median); train and mixer sections")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--grad-checkpoint", action="store_true", help="also time with block-level checkpointing")
-    parser.add_argument("--compile", action="store_true", help="train: MONETA's chunk step compiled")
+    parser.add_argument(
+        "--compile", action="store_true", help="train, decode: MONETA's blocks compiled (torch.compile, fullgraph)"
+    )
+    parser.add_argument("--memory-impl", default="auto", help="MONETA: MonetaConfig.memory_impl (torch, compiled, ...)")
     parser.add_argument("--memory-checkpoint-group", type=int, default=0, help="MONETA: chunks per outer checkpoint")
     parser.add_argument(
         "--malloc-mmap-threshold", type=int, default=0, help="memory: glibc mmap threshold (bytes) in the workers"
@@ -646,9 +654,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    global MEMORY_CHECKPOINT_GROUP
+    global MEMORY_CHECKPOINT_GROUP, MEMORY_IMPL
     args = parse_args(argv)
-    MEMORY_CHECKPOINT_GROUP = args.memory_checkpoint_group
+    MEMORY_CHECKPOINT_GROUP, MEMORY_IMPL = args.memory_checkpoint_group, args.memory_impl
     torch.set_num_threads(args.threads)
     if args._peak_memory_worker:
         kind, seq_len = args._peak_memory_worker

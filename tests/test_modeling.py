@@ -215,8 +215,8 @@ def test_identity_initial_read_is_the_query_whatever_the_gain():
     mixer = model.model.layers[0].mixer
     captured = {}
 
-    def spy(q, k, v, eta, log_alpha, state, mask, decoding, keep_intermediates=False):
-        y, new_state = type(mixer).read_memory(mixer, q, k, v, eta, log_alpha, state, mask, decoding, keep_intermediates)
+    def spy(q, k, v, eta, log_alpha, state, mask, decoding, keep=False):
+        y, new_state = type(mixer).read_memory(mixer, q, k, v, eta, log_alpha, state, mask, decoding, keep)
         captured.update(q=q, y=y)
         return y, new_state
 
@@ -278,3 +278,26 @@ def test_checkpoint_saved_before_the_current_defaults_loads_and_gives_the_same_l
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_model_equals_eager_for_a_training_step_and_for_decoding():
+    """torch.compile(model, fullgraph=True): one graph, no break and no host sync, for a training step under block
+    checkpointing (forward and backward) and for one-token decoding steps across a chunk boundary."""
+    torch._dynamo.reset()
+    model = tiny_model(num_hidden_layers=1, chunk_size=4).train()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    compiled = torch.compile(model, fullgraph=True)
+    ids = random_ids(2, 10)  # two full chunks and an open one
+    grads = []
+    for run in (compiled, model):
+        loss = run(ids, labels=ids).loss
+        grads.append((loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))))
+    for name, c, e in zip(["loss"] + [n for n, _ in model.named_parameters()], *grads):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6, msg=name)
+
+    model.eval()
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :3], use_cache=True).cache
+        steps = [compiled(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(3, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 3:], rtol=0, atol=1e-4)
