@@ -282,11 +282,16 @@ def test_checkpoint_saved_before_the_current_defaults_loads_and_gives_the_same_l
 
 def test_compiled_model_equals_eager_for_a_training_step_and_for_decoding():
     """torch.compile(model, fullgraph=True): one graph, no break and no host sync, for a training step under block
-    checkpointing (forward and backward) and for one-token decoding steps across a chunk boundary."""
+    checkpointing (forward and the joint backward) and for one-token decoding steps across a chunk boundary.
+
+    Backend aot_eager: what can break a graph or sync the host is in the capture (Dynamo, AOTAutograd), which this
+    runs in full; Inductor's C++ code generation would add ~100 CPU seconds (it is exercised by
+    tests/memory/test_chunkwise.py::test_compiled_memory_equals_token_loop and by bench/).
+    """
     torch._dynamo.reset()
     model = tiny_model(num_hidden_layers=1, chunk_size=4).train()
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ids = random_ids(2, 10)  # two full chunks and an open one
     grads = []
     for run in (compiled, model):
