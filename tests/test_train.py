@@ -203,3 +203,19 @@ def test_the_readme_two_process_cpu_command_really_runs_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "runs" / "cpu-ddp" / "config.json").read_text())
     assert config["world_size"] == 2 and (tmp_path / "runs" / "cpu-ddp" / "finished").exists()
+
+
+def test_compile_compiles_each_block_in_place_and_keeps_the_state_dict():
+    """--compile: each block one graph (torch.compile, fullgraph), compiled on the first step; the module tree and
+    its state-dict keys are unchanged (checkpoints stay loadable)."""
+    from miras import MonetaConfig, MonetaForCausalLM
+    from miras.checkpoint.checkpointer import Start
+    from miras.train.args import build_parser
+    from miras.train.build import build_model
+
+    args = build_parser().parse_args([*TINY, "--compile", "--memory-impl", "compiled"])
+    config = MonetaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=48)
+    model = build_model(args, config, Start())
+    assert all(block._compiled_call_impl is not None for block in model.model.layers)
+    assert model.config.memory_impl == "compiled"
+    assert list(model.state_dict()) == list(MonetaForCausalLM(config).state_dict())
