@@ -42,7 +42,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
 # Fields added after checkpoints were first saved, with the value that gives the earlier model. A
 # saved config.json carries every field it knew (transformers writes them all), so an older file
 # lacks exactly these, and must not pick up a newer default.
-FIELDS_ADDED_LATER: dict[str, object] = {"value_norm": False, "value_norm_eps": 1e-6, "memory_init": "random"}
+FIELDS_ADDED_LATER: dict[str, object] = {"value_norm": False, "value_norm_eps": 1e-6, "memory_init": "random", "spread_across_layers": False}
 
 
 def _default_intermediate_size(hidden_size: int) -> int:
@@ -81,6 +81,7 @@ class MonetaConfig(PreTrainedConfig):
         memory_gain_init_spread: float = 1.0,
         memory_out_init_scale: float = 1.0,
         memory_init: str = "random",
+        spread_across_layers: bool = False,
         memory_ln_eps: float = 1e-5,
         value_norm: bool = False,
         value_norm_eps: float = 1e-6,
@@ -128,6 +129,9 @@ class MonetaConfig(PreTrainedConfig):
         # "identity": A_0 drawn so that the initial memory is M_0(x) = x + LN(x) (modeling.identity_memory);
         # "random": Gaussian A_0, a random function of the query at first.
         self.memory_init = memory_init
+        # The heads' eta and gain spreads run over the whole model in (layer, head) order instead of
+        # within each layer: early layers start with weak writes and reads, the last ones strong.
+        self.spread_across_layers = spread_across_layers
         self.memory_ln_eps = memory_ln_eps
         # RMS-normalise each head's value before the memory, as q and k are L2-normalised: with p = 3
         # a write grows as |v|^2, so an unnormalised v is a second, unbounded write strength that the

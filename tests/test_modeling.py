@@ -194,6 +194,18 @@ def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_or
     assert torch.all(default == 0.1)  # spread 1: every head at memory_gain_init
 
 
+def test_spread_across_layers_runs_one_range_over_every_head_in_layer_order():
+    model = tiny_model(
+        spread_across_layers=True, memory_gain_init=0.1, memory_gain_init_spread=10.0, eta_max=1.0, eta_init=0.01
+    )
+    mixers = [block.mixer for block in model.model.layers]
+    gains = torch.cat([m.memory_ln_weight.detach()[:, 0] for m in mixers])
+    etas = torch.cat([torch.sigmoid(m.gate_proj.bias[: m.num_heads].detach()) for m in mixers])
+    exponents = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64)  # 2 layers x 4 heads, one log-spaced range
+    torch.testing.assert_close(gains, (0.1 * 10.0**exponents).float())
+    torch.testing.assert_close(etas, (0.01 * 10.0**exponents).float())
+
+
 @pytest.mark.parametrize("width,head_dim", [(128, 32), (64, 32), (96, 32)])
 def test_identity_initial_memory_passes_its_input_through_the_hidden_layer(width, head_dim):
     from miras.modeling import identity_memory
