@@ -47,7 +47,12 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
 # Fields added after checkpoints were first saved, with the value that gives the earlier model. A
 # saved config.json carries every field it knew (transformers writes them all), so an older file
 # lacks exactly these, and must not pick up a newer default.
-FIELDS_ADDED_LATER: dict[str, object] = {"value_norm": False, "value_norm_eps": 1e-6, "memory_init": "random", "spread_across_layers": False}
+FIELDS_ADDED_LATER: dict[str, object] = {
+    "value_norm": False,
+    "value_norm_eps": 1e-6,
+    "memory_init": "random",
+    "spread_across_layers": False,
+}
 
 
 def _default_intermediate_size(hidden_size: int) -> int:

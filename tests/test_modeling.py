@@ -223,7 +223,9 @@ def test_identity_initial_memory_passes_its_input_through_the_hidden_layer(width
 
 def test_identity_initial_read_is_the_query_whatever_the_gain():
     """M_0(q) = q + LN(q): with no writes (eta ~ 0) the read points along the centred query."""
-    model = tiny_model(memory_init="identity", memory_gain_init=1.0, memory_gain_init_spread=1.0, eta_init=1e-9, eta_max=1e-6)
+    model = tiny_model(
+        memory_init="identity", memory_gain_init=1.0, memory_gain_init_spread=1.0, eta_init=1e-9, eta_max=1e-6
+    )
     mixer = model.model.layers[0].mixer
     captured = {}
 
