@@ -1,4 +1,5 @@
-"""The training entry point: the README's main job, dry run, 2-process DDP on gloo, accumulation, bad input."""
+"""The training entry point: the README's main job, dry run, 2-process DDP on gloo, accumulation, bad input from
+the real command line (tests/test_bad_input.py has every case in this process)."""
 
 import json
 import os
@@ -131,32 +132,6 @@ def test_two_process_gloo_run_really_has_two_ranks(tmp_path):
     weights = [torch.load(tmp_path / "rec" / f"weights_rank{r}.pt") for r in (0, 1)]
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key  # identical after the steps
-
-
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--model-size", "xxl"], "argument --model-size: invalid choice: 'xxl'"),
-        (["--dataset", "no/such/file.jsonl"], "no such file"),
-        (["--dataset", "HuggingFaceFW/fineweb-edu"], "offline: use --dataset builtin"),
-        (["--seq-len", "0"], "argument --seq-len: 0 is not positive"),
-        (["--tokenizer", "no-such-tokenizer-xyz"], "--tokenizer 'no-such-tokenizer-xyz'"),
-        (["--batch-size", "-1"], "argument --batch-size/--microbatch-size: -1 is not positive"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2_and_no_run_folder(tmp_path, capsys, args, message):
-    # In-process (a subprocess costs ~7 s of imports in CI); the next test checks the real process once.
-    base = ["--dataset", "builtin", "--device", "cpu", "--max-steps", "1", "--output-dir", str(tmp_path)]
-    try:
-        code = main([*base, *args])
-    except SystemExit as exit:  # argparse's own errors
-        code = exit.code
-    stderr = capsys.readouterr().err
-    assert code == 2
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    assert message in lines[-1]
-    assert "Traceback" not in stderr
-    assert not any(tmp_path.iterdir())
 
 
 def test_bad_input_from_the_command_line_exits_2_without_a_traceback(tmp_path):
