@@ -69,6 +69,19 @@ def test_readme_main_job_trains_and_the_loss_falls(tmp_path):
     assert "eval_loss" in rows[-1]
     config = json.loads((tmp_path / "demo" / "config.json").read_text())
     assert config["world_size"] == 1 and config["versions"]["torch"] == torch.__version__
+    # secrets are masked in config.json, token ids and counts are not (their names hold "token")
+    assert config["tokens_per_step"] == 4 * 128 and config["model_config"]["eos_token_id"] == 256
+    assert config["model_config"]["bos_token_id"] == config["model_config"]["pad_token_id"] == 256
+
+
+def test_the_command_line_names_every_size_and_memory_implementation():
+    """args.py writes them out so that parsing imports no torch; they must stay those of the model."""
+    from miras.configuration import MODEL_SIZES
+    from miras.memory.dispatch import IMPLEMENTATIONS
+    from miras.train.args import MEMORY_IMPLS, MODEL_SIZE_NAMES, PAPER_TOKEN_BUDGET
+
+    assert MODEL_SIZE_NAMES == tuple(MODEL_SIZES) == tuple(PAPER_TOKEN_BUDGET)
+    assert MEMORY_IMPLS == IMPLEMENTATIONS
 
 
 def test_dry_run_is_quick_and_writes_nothing(tmp_path):
@@ -178,3 +191,25 @@ def test_the_readme_two_process_cpu_command_really_runs_two_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((tmp_path / "runs" / "cpu-ddp" / "config.json").read_text())
     assert config["world_size"] == 2 and (tmp_path / "runs" / "cpu-ddp" / "finished").exists()
+
+
+def test_the_earlier_train_py_checkpoint_names_mean_miras_folders(tmp_path, capsys, monkeypatch):
+    """`--resume .../latest.pt` (the earlier trainer's habit) resumes from the checkpoint `latest` names, bare
+    `latest.pt` from the run's own; `step_X.pt` means the folder step_X; the resolver then finds the folder."""
+    from miras.checkpoint.resolve import resolve_checkpoint
+    from miras.train.args import earlier_checkpoint_name
+
+    checkpoints = tmp_path / "runs" / "r" / "checkpoints"
+    step = checkpoints / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "config.json").write_text("{}")
+    (step / "model.safetensors").write_bytes(b"")
+    (checkpoints / "latest").write_text("step_00000002\n")
+    monkeypatch.chdir(tmp_path)
+    given = earlier_checkpoint_name(str(checkpoints / "latest.pt"), None, "--resume")
+    assert resolve_checkpoint(given) == step
+    assert resolve_checkpoint(earlier_checkpoint_name("latest.pt", Path("runs/r"), "--resume")).resolve() == step
+    assert "the checkpoint" in capsys.readouterr().out  # one note says what latest.pt was taken to mean
+    assert earlier_checkpoint_name(str(checkpoints / "step_00000002.pt"), None, "--resume") == str(step)
+    assert earlier_checkpoint_name(str(step), None, "--resume") == str(step)  # miras names pass unchanged
+    assert earlier_checkpoint_name("auto", None, "--resume") == "auto"
