@@ -42,7 +42,7 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
 # Fields added after checkpoints were first saved, with the value that gives the earlier model. A
 # saved config.json carries every field it knew (transformers writes them all), so an older file
 # lacks exactly these, and must not pick up a newer default.
-FIELDS_ADDED_LATER: dict[str, object] = {"value_norm": False}
+FIELDS_ADDED_LATER: dict[str, object] = {"value_norm": False, "value_norm_eps": 1e-6, "memory_init": "random", "spread_across_layers": False}
 
 
 def _default_intermediate_size(hidden_size: int) -> int:
@@ -80,8 +80,11 @@ class MonetaConfig(PreTrainedConfig):
         memory_gain_init: float = 0.1,
         memory_gain_init_spread: float = 1.0,
         memory_out_init_scale: float = 1.0,
+        memory_init: str = "random",
+        spread_across_layers: bool = False,
         memory_ln_eps: float = 1e-5,
         value_norm: bool = False,
+        value_norm_eps: float = 1e-6,
         detach_state_every: int = 0,
         memory_checkpoint_group: int = 0,
         memory_impl: str = "auto",
@@ -123,12 +126,19 @@ class MonetaConfig(PreTrainedConfig):
         # the written pairs dominate the read (bench/RESULTS.md, session 7). With q > 2 the l_q
         # normaliser cancels the scale, so it changes nothing there.
         self.memory_out_init_scale = memory_out_init_scale
+        # "identity": A_0 drawn so that the initial memory is M_0(x) = x + LN(x) (modeling.identity_memory);
+        # "random": Gaussian A_0, a random function of the query at first.
+        self.memory_init = memory_init
+        # The heads' eta and gain spreads run over the whole model in (layer, head) order instead of
+        # within each layer: early layers start with weak writes and reads, the last ones strong.
+        self.spread_across_layers = spread_across_layers
         self.memory_ln_eps = memory_ln_eps
         # RMS-normalise each head's value before the memory, as q and k are L2-normalised: with p = 3
         # a write grows as |v|^2, so an unnormalised v is a second, unbounded write strength that the
         # outer loop inflates (|v| 0.5 -> 5-20 within a few hundred steps) until every token
         # overwrites the memory. Normalised, the write strength is eta's alone (bench/RESULTS.md, recall).
         self.value_norm = value_norm
+        self.value_norm_eps = value_norm_eps
         self.detach_state_every = detach_state_every
         # Chunks per outer checkpoint in the memory's backward (0 = one level: every chunk-boundary
         # state is kept). G > 1 keeps T / (chunk_size * G) + G states instead of T / chunk_size, for
@@ -207,6 +217,8 @@ class MonetaConfig(PreTrainedConfig):
             "a number >= 1 (1 = every head starts at memory_gain_init)",
         )
         need(isinstance(self.value_norm, bool), "value_norm", "true or false")
+        need(self.memory_init in ("identity", "random"), "memory_init", "'identity' or 'random'")
+        need(number("value_norm_eps") > 0, "value_norm_eps", "a number > 0")
         need(number("memory_out_init_scale") > 0, "memory_out_init_scale", "a number > 0 (1 = ||A1_0||_q = 1)")
         need(
             self.inner_grad_clamp is None or number("inner_grad_clamp") > 0, "inner_grad_clamp", "None or a number > 0"

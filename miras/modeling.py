@@ -34,6 +34,30 @@ def _head_spread(heads: int, spread: float) -> torch.Tensor:
     return torch.logspace(-1.0, 1.0, heads, dtype=torch.float64).pow(math.log10(spread))
 
 
+def identity_memory(heads: int, head_dim: int, width: int, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial accumulators (A1, A2) with W1 gelu(W2 x) = x exactly, so that M_0(x) = x + LN(x).
+
+    gelu(t) - gelu(-t) = t for every t, so W2 = a [Q; -Q] and W1 = [Q^T, -Q^T] / a pass x through
+    the hidden layer unchanged whatever the scale a, with Q (width/2, d_h) a random matrix with
+    orthonormal columns (orthonormal rows when width/2 < d_h: the identity on a random subspace);
+    each head draws its own Q. Each matrix is scaled to ||A||_q = 1, so W_0 = A_0 (the LayerNorm
+    makes the read blind to the product of the scales). Why: the initial read is then the query
+    itself, the local context the language model learns first, whatever the memory's gain, where
+    a random A_0 made it a random function of the query that drowned that context.
+    """
+    half = width // 2
+    a1 = torch.zeros(heads, head_dim, width, dtype=torch.float64)
+    a2 = torch.zeros(heads, width, head_dim, dtype=torch.float64)
+    for head in range(heads):
+        basis, _ = torch.linalg.qr(torch.randn(max(half, head_dim), min(half, head_dim), dtype=torch.float64))
+        frame = basis if half >= head_dim else basis.T  # (half, d_h)
+        a2[head, :half], a2[head, half : 2 * half] = frame, -frame
+        a1[head, :, :half], a1[head, :, half : 2 * half] = frame.T, -frame.T
+    for acc in (a1, a2):
+        acc /= acc.abs().pow(q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / q)
+    return a1.float(), a2.float()
+
+
 class MonetaRMSNorm(nn.Module):
     def __init__(self, shape, eps: float):
         super().__init__()
@@ -120,7 +144,7 @@ class MonetaMixer(nn.Module):
         self.channelwise = config.channelwise_gates
         self.eta_max = config.eta_max
         self.value_norm = config.value_norm
-        self.value_norm_eps = config.norm_eps
+        self.value_norm_eps = config.value_norm_eps
         self.config = config  # config.memory_impl, read at each call: what runs the chunk sequence (memory/dispatch.py)
         d, heads, dh, width = config.hidden_size, config.num_heads, config.head_dim, config.memory_width
         self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
@@ -263,22 +287,40 @@ class MonetaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MonetaRMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, MonetaMixer):
-            # ||A_0||_q = 1 in expectation: sum |a|^q = N * E|a|^q with E|a|^4 = 3 sigma^4 for a normal,
-            # so W_0 = A_0 / ||A_0||_q^(q-2) = A_0 and the first reads are neither inflated nor squashed.
-            count = module.memory_a1[0].numel()
-            sigma = (1.0 / (3.0 * count)) ** 0.25
-            init.normal_(module.memory_a1, mean=0.0, std=sigma * config.memory_out_init_scale)
-            init.normal_(module.memory_a2, mean=0.0, std=sigma)
+            if config.memory_init == "identity":
+                a1, a2 = identity_memory(module.num_heads, module.head_dim, config.memory_width, config.q)
+                init.copy_(module.memory_a1, a1 * config.memory_out_init_scale)
+                init.copy_(module.memory_a2, a2)
+            else:
+                # ||A_0||_q = 1 in expectation: sum |a|^q = N * E|a|^q with E|a|^4 = 3 sigma^4 for a normal,
+                # so W_0 = A_0 / ||A_0||_q^(q-2) = A_0 and the first reads are neither inflated nor squashed.
+                count = module.memory_a1[0].numel()
+                sigma = (1.0 / (3.0 * count)) ** 0.25
+                init.normal_(module.memory_a1, mean=0.0, std=sigma * config.memory_out_init_scale)
+                init.normal_(module.memory_a2, mean=0.0, std=sigma)
             # Heads start at different inner learning rates and read gains, both log-spaced over
             # [init / spread, init * spread] in the same head order: the best write strength depends on
             # scales the outer loop is still learning, and a strong read helps recall but drowns the local
             # context a language model learns first, so each layer starts with a range to choose from
             # (bench/RESULTS.md, recall and language-model quality).
             heads = module.num_heads
-            gains = config.memory_gain_init * _head_spread(heads, config.memory_gain_init_spread)
+            if config.spread_across_layers:
+                # One log-spaced range over every head of the model, in (layer, head) order: early
+                # layers start weak, the last ones strong.
+                total = config.num_hidden_layers * heads
+                first = module.layer_idx * heads
+
+                def spread(factor: float) -> torch.Tensor:
+                    return _head_spread(total, factor)[first : first + heads]
+            else:
+
+                def spread(factor: float) -> torch.Tensor:
+                    return _head_spread(heads, factor)
+
+            gains = config.memory_gain_init * spread(config.memory_gain_init_spread)
             init.copy_(module.memory_ln_weight, gains.float()[:, None].expand(heads, module.head_dim))
             init.zeros_(module.memory_ln_bias)
-            etas = (config.eta_init * _head_spread(heads, config.eta_init_spread)).clamp(max=0.5 * config.eta_max)
+            etas = (config.eta_init * spread(config.eta_init_spread)).clamp(max=0.5 * config.eta_max)
             eta_bias = (-torch.log(config.eta_max / etas - 1.0)).float()  # eta_max * sigmoid(bias) = eta
             alpha_bias = math.log(config.alpha_init / (1.0 - config.alpha_init))
             if module.channelwise:

@@ -171,6 +171,9 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("memory_gain_init_spread", 0.5, ">= 1"),
         ("memory_out_init_scale", 0.0, "> 0"),
         ("memory_impl", "cuda", "one of auto, torch, triton"),
+        ("memory_init", "zeros", "'identity' or 'random'"),
+        ("value_norm", 1, "true or false"),
+        ("value_norm_eps", 0.0, "> 0"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, accepted):
@@ -189,6 +192,55 @@ def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_or
         torch.testing.assert_close(etas, torch.tensor([0.001, 0.01 / 10 ** (1 / 3), 0.01 * 10 ** (1 / 3), 0.1]))
     default = tiny_model().model.layers[0].mixer.memory_ln_weight
     assert torch.all(default == 0.1)  # spread 1: every head at memory_gain_init
+
+
+def test_spread_across_layers_runs_one_range_over_every_head_in_layer_order():
+    model = tiny_model(
+        spread_across_layers=True, memory_gain_init=0.1, memory_gain_init_spread=10.0, eta_max=1.0, eta_init=0.01
+    )
+    mixers = [block.mixer for block in model.model.layers]
+    gains = torch.cat([m.memory_ln_weight.detach()[:, 0] for m in mixers])
+    etas = torch.cat([torch.sigmoid(m.gate_proj.bias[: m.num_heads].detach()) for m in mixers])
+    exponents = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64)  # 2 layers x 4 heads, one log-spaced range
+    torch.testing.assert_close(gains, (0.1 * 10.0**exponents).float())
+    torch.testing.assert_close(etas, (0.01 * 10.0**exponents).float())
+
+
+@pytest.mark.parametrize("width,head_dim", [(128, 32), (64, 32), (96, 32)])
+def test_identity_initial_memory_passes_its_input_through_the_hidden_layer(width, head_dim):
+    from miras.modeling import identity_memory
+
+    a1, a2 = identity_memory(3, head_dim, width, q=4.0)
+    x = torch.randn(7, head_dim)
+    z = torch.einsum("hdm,hnm->hnd", a1, torch.nn.functional.gelu(torch.einsum("hmd,nd->hnm", a2, x)))
+    scale = z.norm(dim=-1, keepdim=True) / x.norm(dim=-1, keepdim=True)  # one positive factor per head
+    torch.testing.assert_close(z, scale * x, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(scale, scale[:, :1].expand_as(scale))
+    for acc in (a1, a2):  # ||A_0||_4 = 1, so W_0 = A_0
+        torch.testing.assert_close(acc.abs().pow(4).sum(dim=(1, 2)), torch.ones(3))
+    assert not torch.allclose(a2[0], a2[1])  # each head draws its own basis
+
+
+def test_identity_initial_read_is_the_query_whatever_the_gain():
+    """M_0(q) = q + LN(q): with no writes (eta ~ 0) the read points along the centred query."""
+    model = tiny_model(memory_init="identity", memory_gain_init=1.0, eta_init=1e-9, eta_max=1e-6)
+    mixer = model.model.layers[0].mixer
+    captured = {}
+
+    def spy(q, k, v, eta, log_alpha, state, mask, decoding):
+        y, new_state = type(mixer).read_memory(mixer, q, k, v, eta, log_alpha, state, mask, decoding)
+        captured.update(q=q, y=y)
+        return y, new_state
+
+    mixer.read_memory = spy
+    with torch.no_grad():
+        model(random_ids(2, 12))
+    q, y = captured["q"], captured["y"]
+    read = y - q  # gain 1, bias 0: LN of z = c q, the centred query at unit variance
+    centred = q - q.mean(-1, keepdim=True)
+    cosine = torch.nn.functional.cosine_similarity(read, centred, dim=-1)
+    assert cosine.min() > 0.999, cosine.min()
+    torch.testing.assert_close(read.pow(2).mean(-1), torch.ones_like(cosine), rtol=2e-2, atol=0)
 
 
 def test_memory_out_init_scale_scales_only_the_output_matrix_and_the_lq_normaliser_cancels_it():
