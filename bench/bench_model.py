@@ -109,7 +109,7 @@ def train_flops_per_token(kind: str, n_params: int, seq_len: int) -> float:
 
     Llama:  6 * N + 12 * L * T * d           (PaLM's attention term, QK^T and AV, fwd + bwd, no causal halving)
     MONETA: 6 * N + 3 * L * H * (56 * d_h^2 + 20 * b * d_h)
-            56 d_h^2 + 20 b d_h is the forward memory cost per token per head (MONETA.md §3.5: with
+            56 d_h^2 + 20 b d_h is the forward memory cost per token per head (with
             m = 4 d_h, seven d_h x m matrix-vector products -- anchor forward W2 k and W1 act, the
             backward gz W1, the reads q A2 and act_q A1, the two outer-product updates -- plus the
             intra-chunk b x b products); backward ~2x forward gives the factor 3. The chunkwise op

@@ -4,7 +4,7 @@ The task and the training loop are the benchmark's (`bench/bench_recall.py`, loa
 file so the numbers in bench/RESULTS.md and this test come from one loop): 2 pairs from 8 keys and
 8 values, 6 separators (beyond the convs' 7-token reach), then ONE of the keys, whose value is the
 answer (chance 1/8). One query, because with both keys asked the second answer is "the value not
-given yet", which a memory that never binds keys to values gets right (bench/RESULTS.md, session 6).
+given yet", which a memory that never binds keys to values gets right (bench/RESULTS.md, associative recall).
 
 Settings: hidden 128, 2 layers, 4 heads of d_h = 32, chunk 16; AdamW lr 1e-2 with a cosine decay
 to 10%, batch 64, 600 steps, seed 0; accuracy = mean over the last 50 steps. The memory is
@@ -12,7 +12,7 @@ MONETA's own rule (p = 3, q = 4, the 2-layer LayerNorm'd MLP, chunkwise) with st
 reads in some heads: per-head eta 0.3-1.5 of a maximum of 3 and memory LayerNorm gains 0.1-1
 (the model's defaults are eta 0.001-0.1 and gain 0.1).
 
-On seeds 0-2 these settings end at 94.7%, 99.7% and 99.9% (bench/RESULTS.md, session 7); with
+On seeds 0-2 these settings end at 94.7%, 99.7% and 99.9% (bench/RESULTS.md, associative recall); with
 p = 2, q = 2 and `memory_out_init_scale=0.3` at 96.8-100% on seeds 0-5. What made binding reliable
 is the width: at hidden 64 (4 heads of 16, or 2 of 32) the same settings bind on some runs and
 settle at the bag of values (~55%: both values kept, not which key each belongs to) on others. With

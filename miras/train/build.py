@@ -169,7 +169,7 @@ def build_model(args, config: MonetaConfig, start: Start) -> MonetaForCausalLM:
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float):
-    """AdamW groups: no decay on norms, biases, gates and the initial memory (MONETA.md §5.4)."""
+    """AdamW groups: no decay on norms, biases, gates and the initial memory."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
