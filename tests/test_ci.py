@@ -25,3 +25,5 @@ def test_ci_runs_the_readme_install_commands_line_for_line():
     ]
     assert f"`{ci[torch_line]}`" in section("Install")
     assert "looking at multiple versions" in text and "pytest -q --durations=15" in text
+    # The one test that needs a system package says how to get it, and CI gets it the same way.
+    assert "apt-get install -y shellcheck" in section("Install") and "apt-get install -y -qq shellcheck" in text
