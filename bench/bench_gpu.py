@@ -16,9 +16,9 @@ keeps to --deadline seconds (later sections are recorded as skipped when the tim
   tiles    the memory op alone (forward + backward) at size-s shapes for a few launch shapes
 
 MFU uses the same convention for both models (bench_model.py): Llama 6N + 12 L T d per token
-(attention counted without the causal half), MONETA 6N + 3 L H (56 d_h^2 + 20 b d_h) (MONETA.md
-§3.5), N without the embedding's second use and without the learned initial memories; the peak
-is miras.metrics' bf16 dense table (989 TFLOP/s for H100/H200).
+(attention counted without the causal half), MONETA 6N + 3 L H (56 d_h^2 + 20 b d_h) (derived in
+bench_model.train_flops_per_token), N without the embedding's second use and without the learned initial
+memories; the peak is miras.metrics' bf16 dense table (989 TFLOP/s for H100/H200).
 
 --device cpu --quick runs every section at tiny shapes on the CPU (Triton under TRITON_INTERPRET=1):
 it checks the script, its numbers mean nothing.

@@ -8,7 +8,7 @@ chunk 64. Sections (``--sections``, all by default):
           MONETA/Llama ratio and the MFU of both against a measured fp32 matmul peak
   memory  peak training RSS at batch 1 above the RSS after building model and optimizer
   mixer   one MonetaMixer forward+backward, chunkwise vs an exact per-token recurrence written
-          here (autograd inner gradient), and the seed's single-matrix block
+          here (autograd inner gradient), and the earlier train.py's single-matrix block
   decode  single-token decoding tokens/s after a prefill, and the cache's bytes per token
 
 Examples:
@@ -113,7 +113,7 @@ def train_flops_per_token(kind: str, n_params: int, seq_len: int) -> float:
 
     Llama:  6 * N + 12 * L * T * d           (PaLM's attention term, QK^T and AV, fwd + bwd, no causal halving)
     MONETA: 6 * N + 3 * L * H * (56 * d_h^2 + 20 * b * d_h)
-            56 d_h^2 + 20 b d_h is the forward memory cost per token per head (MONETA.md §3.5: with
+            56 d_h^2 + 20 b d_h is the forward memory cost per token per head (with
             m = 4 d_h, seven d_h x m matrix-vector products -- anchor forward W2 k and W1 act, the
             backward gz W1, the reads q A2 and act_q A1, the two outer-product updates -- plus the
             intra-chunk b x b products); backward ~2x forward gives the factor 3. The chunkwise op
@@ -311,7 +311,7 @@ def section_memory(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. One mixer layer: chunkwise vs an exact per-token recurrence, and the seed's block
+# 3. One mixer layer: chunkwise vs an exact per-token recurrence, and the earlier train.py's block
 
 
 def build_mixer(seed: int, chunk_size: int = CHUNK) -> MonetaMixer:
@@ -380,7 +380,7 @@ def per_token_mixer(mixer: MonetaMixer, x: torch.Tensor) -> torch.Tensor:
 
 
 class SeedBlock(nn.Module):
-    """The seed's block: one head, one d x d linear memory, W = A / ||A||_4^2, token-by-token.
+    """The earlier train.py's block: one head, one d x d linear memory, W = A / ||A||_4^2, token-by-token.
 
     e = W_{t-1} k - v; A_t = alpha A_{t-1} - eta * 3 e|e| k^T (the l_3 gradient, written out);
     read W_t q. Projections: fused q/k/v (q and k l2-normalised), scalar gates, output projection.
@@ -485,7 +485,7 @@ def section_mixer(args) -> dict:
         return f" (extrapolated from {run['measured_tokens']})" if run["extrapolated"] else ""
 
     table(
-        ["T", "chunkwise tok/s", "per-token tok/s", "speedup", "seed block tok/s"],
+        ["T", "chunkwise tok/s", "per-token tok/s", "speedup", "earlier train.py block tok/s"],
         [
             [
                 r["seq_len"],

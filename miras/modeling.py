@@ -133,7 +133,7 @@ class MonetaCache(Cache):
 
 
 class MonetaMixer(nn.Module):
-    """The token mixer: MONETA's memory in place of attention (MONETA.md §4.2)."""
+    """The token mixer: MONETA's memory in place of attention (docs/model.md)."""
 
     def __init__(self, config: MonetaConfig, layer_idx: int):
         super().__init__()

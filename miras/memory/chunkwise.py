@@ -30,7 +30,7 @@ from .torch_chunk import torch_memory
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # The inner loop runs in fp32 whatever the outer precision (MONETA.md G7); fp64 stays fp64 for tests.
+    # The inner loop runs in fp32 whatever the outer precision (docs/model.md, "Numerics"); fp64 stays fp64 for tests.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 

@@ -16,12 +16,20 @@ from ..checkpoint.checkpointer import CheckpointSettings, Start
 from ..checkpoint.retention import KEEP_ALL, RetentionPolicy
 from ..checkpoint.trainer_state import software_versions
 from ..configuration import MonetaConfig
-from ..data import SYNTHETIC_RECALL, DataConfig, DataError, default_tokenizer_name, open_documents, open_stream
+from ..data import (
+    SYNTHETIC_RECALL,
+    DataConfig,
+    DataError,
+    HubUnreachable,
+    default_tokenizer_name,
+    open_documents,
+    open_stream,
+)
 from ..modeling import MonetaForCausalLM
 from ..parallel import shard_model, take_fsdp_request
 from ..storage import StorageError, parse_options
 from ..tokenizer import TokenizerError, load_tokenizer
-from .checks import TrainingStopped, check_shape
+from .checks import EXIT_FAILED, TrainingStopped, check_fits, check_shape
 
 NO_DECAY_NAMES = (
     ".mixer.gate_proj.",
@@ -53,6 +61,9 @@ def start_accelerator(args):
 
     use_fsdp = take_fsdp_request(args.fsdp)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=resolve_precision(args))
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        raise TrainingStopped(f"--precision fp16 needs a CUDA GPU (its grad scaler); on {accelerator.device.type} "
+                              "it would silently compute in fp32 (accepted here: auto, bf16, fp32)")  # fmt: skip
     world_size = accelerator.num_processes
     expected = os.environ.get("MIRAS_EXPECT_WORLD_SIZE")
     if expected is not None and int(expected) != world_size:
@@ -87,8 +98,9 @@ class Data:
         return open_stream(self.eval_config, self.tokenizer, evaluation=True)
 
 
-def open_data(args, rank: int, world_size: int) -> Data:
-    """The tokenizer and this rank's streams; a bad dataset is named before the tokenizer is tried."""
+def open_data(args, rank: int, world_size: int, device=None, shards: int = 1) -> Data:
+    """The tokenizer and this rank's streams; a bad dataset is named before the tokenizer is tried, and a
+    batch the device cannot hold before the first one is read."""
     config = DataConfig(
         dataset=args.dataset,
         dataset_config=args.dataset_config,
@@ -106,9 +118,12 @@ def open_data(args, rank: int, world_size: int) -> Data:
         if not args.random_tokens and args.dataset != SYNTHETIC_RECALL:
             open_documents(config)
         tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_name(args.dataset))
+        check_fits(args, build_model_config(args, tokenizer), device or torch.device("cpu"), shards)
         stream = open_stream(config, tokenizer)
         eval_config = DataConfig(**{**asdict(config), "batch_size": max(1, args.batch_size)})
         return Data(tokenizer, stream, eval_config, stream.next_batch())
+    except HubUnreachable as error:  # the network, not the arguments: a later start may succeed
+        raise TrainingStopped(str(error), EXIT_FAILED) from None
     except (DataError, TokenizerError, ValueError) as error:
         raise TrainingStopped(str(error)) from None
 
@@ -156,7 +171,7 @@ def build_model(args, config: MonetaConfig, start: Start) -> MonetaForCausalLM:
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float):
-    """AdamW groups: no decay on norms, biases, gates and the initial memory (MONETA.md §5.4)."""
+    """AdamW groups: no decay on norms, biases, gates and the initial memory."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
