@@ -21,11 +21,11 @@ from ..memory.chunkwise import compile_chunk_step
 from ..modeling import MonetaForCausalLM
 from ..parallel import shard_model, take_fsdp_request
 from ..storage import StorageError, parse_options
-from ..tokenizer import TokenizerError, load_tokenizer
+from ..tokenizer import TokenizerError, load_tokenizer, prepare_for_checkpoints
 from .checks import TrainingStopped, check_shape
 
 NO_DECAY_NAMES = (
-    ".mixer.gate_proj.",
+    ".mixer.eta_alpha_proj.",
     ".mixer.gate_down.",
     ".mixer.eta_up.",
     ".mixer.alpha_up.",
@@ -107,11 +107,26 @@ def open_data(args, rank: int, world_size: int) -> Data:
         if not args.random_tokens and args.dataset != SYNTHETIC_RECALL:
             open_documents(config)
         tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_name(args.dataset))
+        prepare_for_checkpoints(tokenizer, args.seq_len)
         stream = open_stream(config, tokenizer)
         eval_config = DataConfig(**{**asdict(config), "batch_size": max(1, args.batch_size)})
         return Data(tokenizer, stream, eval_config, stream.next_batch())
     except (DataError, TokenizerError, ValueError) as error:
         raise TrainingStopped(str(error)) from None
+
+
+def resumed_tokenizer(args, folder: Path, tokenizer):
+    """A resumed run keeps the tokenizer its checkpoint saved: the ids its model learned (a byte-tokenizer run
+    saved before <|pad|> existed keeps 257 tokens). Encoding text is the same; only the vocabulary may differ."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        saved = AutoTokenizer.from_pretrained(folder)
+    except Exception:  # an unreadable tokenizer is not a reason to refuse the resume: the shape check decides
+        return tokenizer
+    return prepare_for_checkpoints(saved, args.seq_len)
 
 
 def build_model_config(args, tokenizer) -> MonetaConfig:

@@ -32,6 +32,7 @@ from .build import (
     build_model_config,
     checkpoint_settings,
     open_data,
+    resumed_tokenizer,
     run_record,
     start_accelerator,
     wrap_for_training,
@@ -83,7 +84,6 @@ def train(args, hooks: Hooks | None = None) -> int:
     accelerator, use_fsdp = start_accelerator(args)
     world_size, rank, main_process = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     data = open_data(args, rank, world_size)
-    model_config = build_model_config(args, data.tokenizer)
     run_dir = Path(args.output_dir) / args.run_name
     topology = detect_topology(accelerator)
     setup_nodes(args, run_dir, topology, writes=not args.dry_run)
@@ -99,6 +99,9 @@ def train(args, hooks: Hooks | None = None) -> int:
         if main_process:
             say(f"{args.run_name}: already finished ({run_dir / FINISHED_NAME}); nothing to do")
         return 0
+    if start.trainer_state is not None:
+        data.tokenizer = resumed_tokenizer(args, start.resume, data.tokenizer)
+    model_config = build_model_config(args, data.tokenizer)
     if start.trainer_state is not None:
         check_resume_compatible(args, start.resume, start.trainer_state, model_config, world_size)
 
