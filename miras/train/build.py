@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +110,8 @@ def open_data(args, rank: int, world_size: int) -> Data:
         prepare_for_checkpoints(tokenizer, args.seq_len)
         stream = open_stream(config, tokenizer)
         eval_config = DataConfig(**{**asdict(config), "batch_size": max(1, args.batch_size)})
+        if args.eval_dataset is not None:
+            eval_config = held_out_dataset(args, eval_config)
         return Data(tokenizer, stream, eval_config, stream.next_batch())
     except (DataError, TokenizerError, ValueError) as error:
         raise TrainingStopped(str(error)) from None
@@ -127,6 +129,20 @@ def resumed_tokenizer(args, folder: Path, tokenizer):
     except Exception:  # an unreadable tokenizer is not a reason to refuse the resume: the shape check decides
         return tokenizer
     return prepare_for_checkpoints(saved, args.seq_len)
+
+
+def held_out_dataset(args, eval_config: DataConfig) -> DataConfig:
+    """The evaluation data of --eval-dataset: its first --eval-documents documents (all of them if fewer)."""
+    config = replace(eval_config, dataset=args.eval_dataset, dataset_config=None, split="train")
+    try:
+        documents, streaming = open_documents(config)
+    except DataError as error:
+        raise DataError(str(error).replace("--dataset", "--eval-dataset", 1)) from None
+    if not streaming:
+        if len(documents) == 0:
+            raise DataError(f"--eval-dataset {args.eval_dataset!r} has no documents")
+        config = replace(config, eval_documents=min(max(1, args.eval_documents), len(documents)))
+    return config
 
 
 def build_model_config(args, tokenizer) -> MonetaConfig:

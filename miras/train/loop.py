@@ -181,12 +181,13 @@ def train(args, hooks: Hooks | None = None) -> int:
                 accelerator, [due, milestone, out_of_time], [stop.received is not None]
             )
             finished = state.step >= total_steps or out_of_time
-            if state.step % args.log_every == 0 or finished or signalled:
+            # Evaluation steps are a function of the step alone, so a resumed run evaluates where a straight one does.
+            evaluating = bool(args.eval_every and state.step % args.eval_every == 0) or finished
+            if state.step % args.log_every == 0 or evaluating or signalled:
                 row = window.row(accelerator, state, scheduler, grad_norm, world_size)
                 row.update(checkpointer.status())
-                if (args.eval_every and state.step % args.eval_every == 0) or finished:
-                    if args.eval_batches and not args.dry_run:
-                        row["eval_loss"] = evaluate(model, accelerator, data.eval_stream(), args.eval_batches)
+                if evaluating and args.eval_batches and not args.dry_run:
+                    row["eval_loss"] = evaluate(model, accelerator, data.eval_stream(), args.eval_batches)
                 logger.log(row)
                 hooks.on_log(row)
             if save or finished or signalled:
