@@ -14,6 +14,7 @@ against step from its metrics.jsonl (`pip install 'miras[plot]'`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -146,13 +147,14 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | None, limi
     if unknown:
         where = f" (tasks under --include-path {include_path!r} included)" if include_path else ""
         raise EvalError(f"--tasks: unknown task {unknown[0]!r}{where}; see lm-eval --tasks list")
-    results = simple_evaluate(
-        model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
-        tasks=tasks,
-        task_manager=manager,
-        limit=limit,
-        log_samples=False,
-    )
+    with contextlib.redirect_stdout(sys.stderr):  # stdout is the JSON result alone
+        results = simple_evaluate(
+            model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size),
+            tasks=tasks,
+            task_manager=manager,
+            limit=limit,
+            log_samples=False,
+        )
     return {task: {k: v for k, v in values.items() if k != "alias"} for task, values in results["results"].items()}
 
 

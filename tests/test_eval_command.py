@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from miras.eval_command import main
 from tests.trained_xs import latest_checkpoint, trained_xs_run
 
-EXAMPLES = [("def main(", "):\n    return 0"), ("The quick brown ", "fox jumps"), ("import ", "os")]
+# (lm-eval moves a context's trailing spaces into the continuation: none here, so both sides score the same tokens.)
+EXAMPLES = [("def main(", "):\n    return 0"), ("The quick brown", " fox jumps"), ("import", " os")]
 
 
 def metrics(run):
@@ -123,7 +124,7 @@ def test_miras_eval_tasks_hands_the_model_to_lm_eval(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     expected = math.exp(-sum(own_loglikelihoods(folder)) / len(EXAMPLES))
     assert result["tasks"]["miras_ll"]["perplexity,none"] == pytest.approx(expected, rel=1e-4)
-    assert main([*args[:-3], "--tasks", "no_such_task", "--include-path", str(tasks)]) == 2
+    assert main([*args[:-4], "--tasks", "no_such_task", "--include-path", str(tasks)]) == 2
     assert "--tasks: unknown task 'no_such_task'" in capsys.readouterr().err
 
 
