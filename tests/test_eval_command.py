@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -102,9 +101,10 @@ def test_the_lm_eval_command_line_scores_a_checkpoint_with_its_remote_code(tmp_p
     folder = tmp_path / "checkpoint"
     shutil.copytree(latest_checkpoint(trained_xs_run()), folder)
     tasks = task_folder(tmp_path)
-    command = [shutil.which("lm_eval", path=os.path.dirname(sys.executable)) or "lm_eval", "--model", "hf",
-               "--model_args", f"pretrained={folder},trust_remote_code=True", "--tasks", str(tasks / "miras_ll.yaml"),
-               "--device", "cpu", "--batch_size", "1", "--output_path", str(tmp_path / "out"), "--log_samples"]  # fmt: skip
+    lm_eval = shutil.which("lm_eval", path=os.path.dirname(sys.executable)) or "lm_eval"
+    command = [lm_eval, "--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True",
+               "--tasks", str(tasks / "miras_ll.yaml"), "--device", "cpu", "--batch_size", "1",
+               "--output_path", str(tmp_path / "out"), "--log_samples"]  # fmt: skip
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -128,9 +128,21 @@ def test_miras_eval_tasks_hands_the_model_to_lm_eval(tmp_path, capsys):
     assert "--tasks: unknown task 'no_such_task'" in capsys.readouterr().err
 
 
+def test_a_storage_url_is_downloaded_verified_and_scored(tmp_path, capsys):
+    from tests.test_generate import upload
+
+    folder = latest_checkpoint(trained_xs_run())
+    assert main([str(folder), "--windows", "1", "--no-progress"]) == 0
+    local = json.loads(capsys.readouterr().out)
+    upload(folder, f"memory://miras-eval-test/{folder.name}")
+    url = f"memory://miras-eval-test/{folder.name}"
+    assert main([url, "--windows", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache")]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert remote["loss"] == local["loss"] and remote["checkpoint"] == url
+
+
 def test_miras_eval_subcommand_is_wired(tmp_path, capsys):
     from miras.cli import main as cli_main
 
     assert cli_main(["eval", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert Path(tmp_path).exists()
