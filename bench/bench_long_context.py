@@ -41,6 +41,7 @@ from miras.evaluation import LN2, POSITION_EDGES, evaluate_positions
 from miras.probes import memory_read_off
 from miras.tokenizer import byte_tokenizer
 
+MODELS = ("moneta", "moneta-read-off", "llama")
 MODEL = dict(vocab_size=257, hidden_size=128, num_hidden_layers=4, num_heads=4, intermediate_size=344)
 
 
@@ -70,9 +71,8 @@ def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
     ablations.enter_context(memory_read_off(read_off))  # for the whole run: training and evaluation
     torch.manual_seed(seed)
     llama = LlamaForCausalLM(llama_config)
-    runs = {"moneta": Run("moneta", moneta, args), "moneta-read-off": Run("moneta-read-off", read_off, args)}
-    if not args.no_llama:
-        runs["llama"] = Run("llama", llama, args)
+    models = {"moneta": moneta, "moneta-read-off": read_off, "llama": llama}
+    runs = {name: Run(name, models[name], args) for name in MODELS if name in args.models}
     params = {"moneta": moneta_params, "moneta-read-off": moneta_params, "llama": llama_params}
 
     tokenizer = byte_tokenizer()
@@ -140,7 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-llama", action="store_true", help="train only the two MONETA models")
+    parser.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(MODELS), help="which of the three to train (default: all)"
+    )
     parser.add_argument("--model-overrides", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--out", default="bench/out/long_context.json")
     args = parser.parse_args(argv)

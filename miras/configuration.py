@@ -6,11 +6,16 @@ Choices MONETA.md leaves open, decided once here (see also README "Model choices
 - the l_q normaliser per matrix per head, frozen inside a chunk (MONETA.md §3.2);
 - gates: eta_t = eta_max * sigmoid(.), alpha_t = sigmoid(.) kept in log space; per-head scalars by
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
-  biases start eta at `eta_init` and alpha at `alpha_init`;
+  biases start alpha at `alpha_init` (0.99) and eta log-spaced over the heads around `eta_init`;
+- defaults chosen so that the memory binds keys to values (bench/RESULTS.md, "Memory defaults"):
+  writes of eta 0.1-1.5 out of a maximum of 3 (`eta_init` 1, spread 10 over a layer's heads), read
+  gains 0.1-1 (`memory_gain_init` 0.3162, spread 3.162) and each head's value RMS-normalised
+  (`value_norm`). With the earlier weak writes (eta 0.001-0.1, gain 0.1) recall settled at the bag
+  of values and the language model learned as well with the memory read off;
 - the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0), the
   output matrix's times `memory_out_init_scale` (1);
-- the memory's LayerNorm gain starts at `memory_gain_init` (0.1): a small read beside the residual
-  (bench/RESULTS.md, language-model quality);
+- head size: hidden_size / num_heads, 64 for xs (4 heads) and the paper's 16 heads above it (48,
+  64, 96, 128 for s, m, l, xl); below d_h = 32 binding is a lottery (bench/RESULTS.md);
 - no positional encoding (the causal conv and the recurrence give order), SiLU after the conv,
   SiLU output gate, tied input/output embeddings, RMSNorm pre-norm blocks with a SwiGLU MLP.
 
@@ -42,7 +47,12 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
 # Fields added after checkpoints were first saved, with the value that gives the earlier model. A
 # saved config.json carries every field it knew (transformers writes them all), so an older file
 # lacks exactly these, and must not pick up a newer default.
-FIELDS_ADDED_LATER: dict[str, object] = {"value_norm": False, "value_norm_eps": 1e-6, "memory_init": "random"}
+FIELDS_ADDED_LATER: dict[str, object] = {
+    "value_norm": False,
+    "value_norm_eps": 1e-6,
+    "memory_init": "random",
+    "spread_across_layers": False,
+}
 
 
 def _default_intermediate_size(hidden_size: int) -> int:
@@ -68,8 +78,8 @@ class MonetaConfig(PreTrainedConfig):
         conv_size: int = 4,
         channelwise_gates: bool = False,
         gate_rank: int = 32,
-        eta_max: float = 1.0,
-        eta_init: float = 0.01,
+        eta_max: float = 3.0,
+        eta_init: float = 1.0,
         eta_init_spread: float = 10.0,
         alpha_init: float = 0.99,
         lq_floor: float = 1e-6,
@@ -77,12 +87,13 @@ class MonetaConfig(PreTrainedConfig):
         sign_sharpness: float = 10.0,
         abs_eps: float = 1e-6,
         inner_grad_clamp: float | None = None,
-        memory_gain_init: float = 0.1,
-        memory_gain_init_spread: float = 1.0,
+        memory_gain_init: float = 0.3162,
+        memory_gain_init_spread: float = 3.162,
         memory_out_init_scale: float = 1.0,
         memory_init: str = "random",
+        spread_across_layers: bool = False,
         memory_ln_eps: float = 1e-5,
-        value_norm: bool = False,
+        value_norm: bool = True,
         value_norm_eps: float = 1e-6,
         detach_state_every: int = 0,
         memory_checkpoint_group: int = 0,
@@ -122,12 +133,15 @@ class MonetaConfig(PreTrainedConfig):
         # Scales the initial accumulator of the memory's output matrix (A1_0, W1 in
         # M(x) = x + LN(W1 gelu(W2 x))). The LayerNorm makes the read blind to W1's scale, but a write's
         # size next to the initial read goes as eta / scale^2 when q = 2 (W = A): a smaller W1_0 lets
-        # the written pairs dominate the read (bench/RESULTS.md, session 7). With q > 2 the l_q
-        # normaliser cancels the scale, so it changes nothing there.
+        # the written pairs dominate the read (bench/RESULTS.md, recall). With q > 2 the l_q
+        # normaliser cancels most of the scale (the reads exactly, the writes only for small gains).
         self.memory_out_init_scale = memory_out_init_scale
         # "identity": A_0 drawn so that the initial memory is M_0(x) = x + LN(x) (modeling.identity_memory);
         # "random": Gaussian A_0, a random function of the query at first.
         self.memory_init = memory_init
+        # The heads' eta and gain spreads run over the whole model in (layer, head) order instead of
+        # within each layer: early layers start with weak writes and reads, the last ones strong.
+        self.spread_across_layers = spread_across_layers
         self.memory_ln_eps = memory_ln_eps
         # RMS-normalise each head's value before the memory, as q and k are L2-normalised: with p = 3
         # a write grows as |v|^2, so an unnormalised v is a second, unbounded write strength that the

@@ -335,10 +335,23 @@ class MonetaPreTrainedModel(PreTrainedModel):
             # context a language model learns first, so each layer starts with a range to choose from
             # (bench/RESULTS.md, recall and language-model quality).
             heads = module.num_heads
-            gains = config.memory_gain_init * _head_spread(heads, config.memory_gain_init_spread)
+            if config.spread_across_layers:
+                # One log-spaced range over every head of the model, in (layer, head) order: early
+                # layers start weak, the last ones strong.
+                total = config.num_hidden_layers * heads
+                first = module.layer_idx * heads
+
+                def spread(factor: float) -> torch.Tensor:
+                    return _head_spread(total, factor)[first : first + heads]
+            else:
+
+                def spread(factor: float) -> torch.Tensor:
+                    return _head_spread(heads, factor)
+
+            gains = config.memory_gain_init * spread(config.memory_gain_init_spread)
             init.copy_(module.memory_ln_weight, gains.float()[:, None].expand(heads, module.head_dim))
             init.zeros_(module.memory_ln_bias)
-            etas = (config.eta_init * _head_spread(heads, config.eta_init_spread)).clamp(max=0.5 * config.eta_max)
+            etas = (config.eta_init * spread(config.eta_init_spread)).clamp(max=0.5 * config.eta_max)
             eta_bias = (-torch.log(config.eta_max / etas - 1.0)).float()  # eta_max * sigmoid(bias) = eta
             alpha_bias = math.log(config.alpha_init / (1.0 - config.alpha_init))
             if module.channelwise:

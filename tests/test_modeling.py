@@ -190,8 +190,20 @@ def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_or
         torch.testing.assert_close(gains[:, 0], torch.tensor([0.01, 0.1 / 10 ** (1 / 3), 0.1 * 10 ** (1 / 3), 1.0]))
         etas = torch.sigmoid(mixer.eta_alpha_proj.bias[: mixer.num_heads].detach())
         torch.testing.assert_close(etas, torch.tensor([0.001, 0.01 / 10 ** (1 / 3), 0.01 * 10 ** (1 / 3), 0.1]))
-    default = tiny_model().model.layers[0].mixer.memory_ln_weight
-    assert torch.all(default == 0.1)  # spread 1: every head at memory_gain_init
+    flat = tiny_model(memory_gain_init_spread=1.0).model.layers[0].mixer.memory_ln_weight
+    assert torch.all(flat == flat.new_tensor(0.3162))  # spread 1: every head at memory_gain_init
+
+
+def test_spread_across_layers_runs_one_range_over_every_head_in_layer_order():
+    model = tiny_model(
+        spread_across_layers=True, memory_gain_init=0.1, memory_gain_init_spread=10.0, eta_max=1.0, eta_init=0.01
+    )
+    mixers = [block.mixer for block in model.model.layers]
+    gains = torch.cat([m.memory_ln_weight.detach()[:, 0] for m in mixers])
+    etas = torch.cat([torch.sigmoid(m.gate_proj.bias[: m.num_heads].detach()) for m in mixers])
+    exponents = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64)  # 2 layers x 4 heads, one log-spaced range
+    torch.testing.assert_close(gains, (0.1 * 10.0**exponents).float())
+    torch.testing.assert_close(etas, (0.01 * 10.0**exponents).float())
 
 
 @pytest.mark.parametrize("width,head_dim", [(128, 32), (64, 32), (96, 32)])
@@ -211,7 +223,9 @@ def test_identity_initial_memory_passes_its_input_through_the_hidden_layer(width
 
 def test_identity_initial_read_is_the_query_whatever_the_gain():
     """M_0(q) = q + LN(q): with no writes (eta ~ 0) the read points along the centred query."""
-    model = tiny_model(memory_init="identity", memory_gain_init=1.0, eta_init=1e-9, eta_max=1e-6)
+    model = tiny_model(
+        memory_init="identity", memory_gain_init=1.0, memory_gain_init_spread=1.0, eta_init=1e-9, eta_max=1e-6
+    )
     mixer = model.model.layers[0].mixer
     captured = {}
 
@@ -237,14 +251,16 @@ def test_memory_out_init_scale_scales_only_the_output_matrix_and_the_lq_normalis
     for block, other in zip(base.model.layers, scaled.model.layers):
         torch.testing.assert_close(other.mixer.memory_a1, 0.3 * block.mixer.memory_a1)
         assert torch.equal(other.mixer.memory_a2, block.mixer.memory_a2)
-    # q = 4: W1 = A1 / ||A1||_4^2 scales by 1 / c, writes by the same, and the LayerNorm'd read is
-    # blind to that: the logits agree (exactly but for the LayerNorm's eps, set negligible here).
-    base4 = tiny_model(memory_ln_eps=1e-14).double()
+    # q = 4: W1 = A1 / ||A1||_4^2 scales by 1 / c and the LayerNorm'd read is blind to that; the writes
+    # are not quite (the gradient through the LayerNorm carries its gain), so only with weak writes
+    # and small gains do the logits agree, to ~1e-7 (with the defaults they differ by ~0.1).
+    weak = dict(memory_gain_init=0.1, memory_gain_init_spread=1.0, eta_max=1.0, eta_init=0.01)
+    base4 = tiny_model(memory_ln_eps=1e-14, **weak).double()
     scaled4 = copy.deepcopy(base4)
     with torch.no_grad():
         for block in scaled4.model.layers:
-            block.mixer.memory_a1.mul_(0.5)  # a power of two: every scaled product stays exact
-    torch.testing.assert_close(scaled4(ids).logits, base4(ids).logits, atol=1e-10, rtol=1e-10)
+            block.mixer.memory_a1.mul_(0.3)
+    torch.testing.assert_close(scaled4(ids).logits, base4(ids).logits, atol=1e-5, rtol=0)
     # q = 2: W = A, so the initial read is smaller next to the writes and the outputs differ.
     base2, scaled2 = tiny_model(q=2, eta_init=0.5), tiny_model(q=2, eta_init=0.5, memory_out_init_scale=0.3)
     assert (scaled2(ids).logits - base2(ids).logits).abs().max() > 1e-3
