@@ -200,7 +200,7 @@ def test_spread_across_layers_runs_one_range_over_every_head_in_layer_order():
     )
     mixers = [block.mixer for block in model.model.layers]
     gains = torch.cat([m.memory_ln_weight.detach()[:, 0] for m in mixers])
-    etas = torch.cat([torch.sigmoid(m.gate_proj.bias[: m.num_heads].detach()) for m in mixers])
+    etas = torch.cat([torch.sigmoid(m.eta_alpha_proj.bias[: m.num_heads].detach()) for m in mixers])
     exponents = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64)  # 2 layers x 4 heads, one log-spaced range
     torch.testing.assert_close(gains, (0.1 * 10.0**exponents).float())
     torch.testing.assert_close(etas, (0.01 * 10.0**exponents).float())
