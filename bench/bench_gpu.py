@@ -9,16 +9,16 @@ keeps to --deadline seconds (later sections are recorded as skipped when the tim
            the size-s model's loss and gradients under bf16 autocast
   speed    training-step tokens/s, MFU and peak memory at T = 4096 under bf16 autocast (fp32
            weights, fused AdamW, TF32 on, as `miras train`), sizes s and m: MONETA with the Triton
-           path, the torch path (eager), and the torch path with the chunk step compiled, and a
+           path, the torch path (eager), and the torch path with each block compiled (torch.compile), and a
            LlamaForCausalLM (sdpa) of the same width, depth, heads, FFN and vocab
   train    `miras train` on size s, 200 steps of synthetic:recall (no `datasets` needed), checks that
            the loss falls
   tiles    the memory op alone (forward + backward) at size-s shapes for a few launch shapes
 
 MFU uses the same convention for both models (bench_model.py): Llama 6N + 12 L T d per token
-(attention counted without the causal half), MONETA 6N + 3 L H (56 d_h^2 + 20 b d_h) (MONETA.md
-§3.5), N without the embedding's second use and without the learned initial memories; the peak
-is miras.metrics' bf16 dense table (989 TFLOP/s for H100/H200).
+(attention counted without the causal half), MONETA 6N + 3 L H (56 d_h^2 + 20 b d_h) (derived in
+bench_model.train_flops_per_token), N without the embedding's second use and without the learned initial
+memories; the peak is miras.metrics' bf16 dense table (989 TFLOP/s for H100/H200).
 
 --device cpu --quick runs every section at tiny shapes on the CPU (Triton under TRITON_INTERPRET=1):
 it checks the script, its numbers mean nothing.
@@ -248,8 +248,6 @@ def worker_speed(w: Worker) -> None:
     """Training-step speed of the kinds in spec["kinds"] at one size, each after the previous is freed."""
     import torch
 
-    from miras.memory.chunkwise import compile_chunk_step
-
     size, seq_len, steps, warmup = w.spec["size"], w.spec["seq_len"], w.spec["steps"], w.spec["warmup"]
     torch.backends.cuda.matmul.allow_tf32 = True  # as miras train
     torch.backends.cudnn.allow_tf32 = True
@@ -274,7 +272,7 @@ def worker_speed(w: Worker) -> None:
                         "traceback": traceback.format_exc()[-4000:]})  # fmt: skip
                 break
             finally:
-                compile_chunk_step(False)
+                torch._dynamo.reset()  # the compiled kind's graphs go with its model
                 gc.collect()
                 if w.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -284,7 +282,6 @@ def time_training(w: Worker, kind: str, size: str, seq_len: int, batch: int, ste
     import torch
 
     import miras
-    from miras.memory.chunkwise import compile_chunk_step
     from miras.metrics import peak_tflops
 
     config = moneta_config(size, w.quick, "triton" if kind == "triton" else "torch")
@@ -294,8 +291,9 @@ def time_training(w: Worker, kind: str, size: str, seq_len: int, batch: int, ste
     else:
         model = miras.MonetaForCausalLM(config)
     model = model.to(w.device).train()
-    if kind == "compile":
-        compile_chunk_step()  # the chunk step's forward and backward (compiled on the first warm-up step)
+    if kind == "compile":  # as `miras train --compile`: each block one graph (compiled on the first warm-up step)
+        for block in model.model.layers:
+            block.compile(fullgraph=True)
     fused = w.device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,7 @@ chunk 64. Sections (``--sections``, all by default):
           MONETA/Llama ratio and the MFU of both against a measured fp32 matmul peak
   memory  peak training RSS at batch 1 above the RSS after building model and optimizer
   mixer   one MonetaMixer forward+backward, chunkwise vs an exact per-token recurrence written
-          here (autograd inner gradient), and the seed's single-matrix block
+          here (autograd inner gradient), and the earlier train.py's single-matrix block
   decode  single-token decoding tokens/s after a prefill, and the cache's bytes per token
 
 Examples:
@@ -40,11 +40,11 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import miras
-from miras.memory.chunkwise import compile_chunk_step
 from miras.modeling import MonetaMixer
 
 SECTIONS = ("train", "memory", "mixer", "decode")
 MEMORY_CHECKPOINT_GROUP = 0  # MonetaConfig.memory_checkpoint_group, set by --memory-checkpoint-group
+MEMORY_IMPL = "auto"  # MonetaConfig.memory_impl, set by --memory-impl
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, CHUNK = 4096, 256, 4, 4, 688, 64
 MODELS = ("moneta", "llama")
 
@@ -62,6 +62,7 @@ def moneta_config(chunk_size: int = CHUNK, layers: int = LAYERS) -> miras.Moneta
         intermediate_size=FFN,
         chunk_size=chunk_size,
         memory_checkpoint_group=MEMORY_CHECKPOINT_GROUP,
+        memory_impl=MEMORY_IMPL,
     )
 
 
@@ -79,7 +80,7 @@ def llama_config() -> LlamaConfig:
     )
 
 
-def build_model(kind: str, seed: int, grad_checkpoint: bool = False) -> nn.Module:
+def build_model(kind: str, seed: int, grad_checkpoint: bool = False, compile_blocks: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     if kind == "moneta":
         model = miras.MonetaForCausalLM(moneta_config())
@@ -92,6 +93,9 @@ def build_model(kind: str, seed: int, grad_checkpoint: bool = False) -> nn.Modul
     if grad_checkpoint:  # block-level activation checkpointing (renamed in transformers 5.x)
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable()
+    if compile_blocks and kind == "moneta":  # as `miras train --compile`: one graph per block, the memory op in it
+        for block in model.model.layers:
+            block.compile(fullgraph=True)
     return model
 
 
@@ -109,7 +113,7 @@ def train_flops_per_token(kind: str, n_params: int, seq_len: int) -> float:
 
     Llama:  6 * N + 12 * L * T * d           (PaLM's attention term, QK^T and AV, fwd + bwd, no causal halving)
     MONETA: 6 * N + 3 * L * H * (56 * d_h^2 + 20 * b * d_h)
-            56 d_h^2 + 20 b d_h is the forward memory cost per token per head (MONETA.md §3.5: with
+            56 d_h^2 + 20 b d_h is the forward memory cost per token per head (with
             m = 4 d_h, seven d_h x m matrix-vector products -- anchor forward W2 k and W1 act, the
             backward gz W1, the reads q A2 and act_q A1, the two outer-product updates -- plus the
             intra-chunk b x b products); backward ~2x forward gives the factor 3. The chunkwise op
@@ -146,9 +150,8 @@ def train_step(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optim
 
 
 def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bool) -> dict:
-    model = build_model(kind, args.seed, grad_checkpoint)
+    model = build_model(kind, args.seed, grad_checkpoint, args.compile)
     model.train()
-    compile_chunk_step(args.compile and kind == "moneta")  # compiled on the warmup step, not timed
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(args.seed))
     for _ in range(args.warmup):
@@ -158,7 +161,6 @@ def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bo
         start = time.perf_counter()
         train_step(model, ids, optimizer)
         times.append(time.perf_counter() - start)
-    compile_chunk_step(False)
     n_params = dense_params(model)
     del model, optimizer
     gc.collect()
@@ -268,7 +270,7 @@ def run_peak_memory(kind: str, seq_len: int, grad_checkpoint: bool, args) -> dic
     command += ["--threads", str(args.threads), "--seed", str(args.seed)]
     if grad_checkpoint:
         command.append("--grad-checkpoint")
-    command += ["--memory-checkpoint-group", str(args.memory_checkpoint_group)]
+    command += ["--memory-checkpoint-group", str(args.memory_checkpoint_group), "--memory-impl", args.memory_impl]
     env = dict(os.environ)
     if args.malloc_mmap_threshold:
         # glibc then serves every allocation above the threshold with its own mmap and returns it on
@@ -309,7 +311,7 @@ def section_memory(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. One mixer layer: chunkwise vs an exact per-token recurrence, and the seed's block
+# 3. One mixer layer: chunkwise vs an exact per-token recurrence, and the earlier train.py's block
 
 
 def build_mixer(seed: int, chunk_size: int = CHUNK) -> MonetaMixer:
@@ -378,7 +380,7 @@ def per_token_mixer(mixer: MonetaMixer, x: torch.Tensor) -> torch.Tensor:
 
 
 class SeedBlock(nn.Module):
-    """The seed's block: one head, one d x d linear memory, W = A / ||A||_4^2, token-by-token.
+    """The earlier train.py's block: one head, one d x d linear memory, W = A / ||A||_4^2, token-by-token.
 
     e = W_{t-1} k - v; A_t = alpha A_{t-1} - eta * 3 e|e| k^T (the l_3 gradient, written out);
     read W_t q. Projections: fused q/k/v (q and k l2-normalised), scalar gates, output projection.
@@ -483,7 +485,7 @@ def section_mixer(args) -> dict:
         return f" (extrapolated from {run['measured_tokens']})" if run["extrapolated"] else ""
 
     table(
-        ["T", "chunkwise tok/s", "per-token tok/s", "speedup", "seed block tok/s"],
+        ["T", "chunkwise tok/s", "per-token tok/s", "speedup", "earlier train.py block tok/s"],
         [
             [
                 r["seq_len"],
@@ -529,6 +531,10 @@ def output_cache(output):
 @torch.no_grad()
 def time_decoding(kind: str, context: int, args) -> dict:
     model = build_model(kind, args.seed).eval()
+    if args.compile and kind == "moneta":
+        # The whole model, one graph per (batch, length) and state layout: per-block graphs would recompile per
+        # layer (each block indexes the cache by its own layer) past Dynamo's recompile limit.
+        model = torch.compile(model, fullgraph=True)
     ids = torch.randint(0, VOCAB, (1, context), generator=torch.Generator().manual_seed(args.seed))
     start = time.perf_counter()
     output = model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -624,7 +630,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps (median); train and mixer sections")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--grad-checkpoint", action="store_true", help="also time with block-level checkpointing")
-    parser.add_argument("--compile", action="store_true", help="train: MONETA's chunk step compiled")
+    parser.add_argument(
+        "--compile", action="store_true", help="MONETA compiled (fullgraph): train each block, decode the model"
+    )
+    parser.add_argument("--memory-impl", default="auto", help="MONETA: MonetaConfig.memory_impl (torch, compiled, ...)")
     parser.add_argument("--memory-checkpoint-group", type=int, default=0, help="MONETA: chunks per outer checkpoint")
     parser.add_argument(
         "--malloc-mmap-threshold", type=int, default=0, help="memory: glibc mmap threshold (bytes) in the workers"
@@ -649,9 +658,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    global MEMORY_CHECKPOINT_GROUP
+    global MEMORY_CHECKPOINT_GROUP, MEMORY_IMPL
     args = parse_args(argv)
-    MEMORY_CHECKPOINT_GROUP = args.memory_checkpoint_group
+    MEMORY_CHECKPOINT_GROUP, MEMORY_IMPL = args.memory_checkpoint_group, args.memory_impl
     torch.set_num_threads(args.threads)
     if args._peak_memory_worker:
         kind, seq_len = args._peak_memory_worker

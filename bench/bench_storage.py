@@ -28,7 +28,7 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 def start_servers(tmp: Path, want: set[str]) -> tuple[dict[str, tuple[str, dict]], list]:
     """url + options per backend kind, and the things to stop afterwards."""
-    from tests.storage.conftest import free_port, wait_port
+    from tests.servers import free_port, wait_port
 
     dests: dict[str, tuple[str, dict]] = {}
     stops: list = []

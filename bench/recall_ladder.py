@@ -67,7 +67,7 @@ def ladder_memory(args, eta_max: float):
             out = args.gain * F.layer_norm(out, out.shape[-1:])
         return x + out if args.residual else out
 
-    def ladder(q, k, v, eta, log_alpha, state, mask=None, decoding=False):
+    def ladder(q, k, v, eta, log_alpha, state, mask=None, decoding=False, keep_intermediates=False):
         batch, heads, length, dh = q.shape
         generator = torch.Generator().manual_seed(0)
         if args.mem == "linear":

@@ -1,9 +1,9 @@
 """MonetaConfig and the model-size presets.
 
-Choices MONETA.md leaves open, decided once here (see also README "Model choices"):
+Choices the paper leaves open, decided once here (docs/model.md, "Model choices"):
 - per-head memory (d_h = hidden_size / num_heads), a 2-layer MLP of width mem_expansion * d_h,
   exact GELU, residual + LayerNorm with per-head affine parameters learned by the outer loop;
-- the l_q normaliser per matrix per head, frozen inside a chunk (MONETA.md §3.2);
+- the l_q normaliser per matrix per head, frozen inside a chunk (docs/model.md, "The memory rule");
 - gates: eta_t = eta_max * sigmoid(.), alpha_t = sigmoid(.) kept in log space; per-head scalars by
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
   biases start alpha at `alpha_init` (0.99) and eta log-spaced over the heads around `eta_init`;
@@ -133,7 +133,7 @@ class MonetaConfig(PreTrainedConfig):
         # Scales the initial accumulator of the memory's output matrix (A1_0, W1 in
         # M(x) = x + LN(W1 gelu(W2 x))). The LayerNorm makes the read blind to W1's scale, but a write's
         # size next to the initial read goes as eta / scale^2 when q = 2 (W = A): a smaller W1_0 lets
-        # the written pairs dominate the read (bench/RESULTS.md, recall). With q > 2 the l_q
+        # the written pairs dominate the read (bench/RESULTS.md, associative recall). With q > 2 the l_q
         # normaliser cancels most of the scale (the reads exactly, the writes only for small gains).
         self.memory_out_init_scale = memory_out_init_scale
         # "identity": A_0 drawn so that the initial memory is M_0(x) = x + LN(x) (modeling.identity_memory);

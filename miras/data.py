@@ -26,7 +26,7 @@ from a document but not yet emitted.
 
 from __future__ import annotations
 
-import glob
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +34,22 @@ from typing import Any
 
 import torch
 
+from .data_sources import (  # noqa: F401  (the names --dataset accepts, re-exported)
+    BUILTIN,
+    DEFAULT_HUB_DATASET,
+    FILE_BUILDERS,
+    OFFLINE_CORPORA,
+    OFFLINE_DATA,
+    PYTHON_SOURCE,
+    SYNTHETIC_RECALL,
+    DataError,
+    HubUnreachable,
+    bad_file,
+    check_source,
+    local_files,
+    text_column_problem,
+)
 from .tokenizer import BYTE_TOKENIZER
-
-BUILTIN = "builtin"
-PYTHON_SOURCE = "python-source"
-OFFLINE_CORPORA = (BUILTIN, PYTHON_SOURCE)
-SYNTHETIC_RECALL = "synthetic:recall"
-FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-DEFAULT_HUB_DATASET = "HuggingFaceFW/fineweb-edu"
-
-
-class DataError(ValueError):
-    """A data source that cannot be used, with a one-line reason naming it."""
 
 
 @dataclass
@@ -99,15 +103,26 @@ def python_source_documents() -> list[str]:
     return [Path(root, path).read_bytes().decode("utf-8", errors="replace") for path in files]
 
 
-def local_files(dataset: str) -> list[str] | None:
-    """The files a --dataset names when it is a file or a glob of files; None when it is not."""
-    suffix = Path(dataset).suffix.lower()
-    if suffix not in FILE_BUILDERS:
-        return None
-    files = sorted(glob.glob(dataset)) if glob.has_magic(dataset) else ([dataset] if os.path.exists(dataset) else [])
-    if not files:
-        raise DataError(f"--dataset {dataset!r}: no such file (accepted: .txt, .jsonl, .json, .parquet files or globs)")
-    return files
+@contextlib.contextmanager
+def _datasets_quiet():
+    """datasets logs a failed file at ERROR level before raising (the one-line DataError says it instead), and
+    draws its progress bars into logs and captured output too: only a terminal gets them."""
+    import logging
+    import sys
+
+    from datasets.utils import logging as datasets_logging
+
+    logger = logging.getLogger("datasets")
+    level, bars = logger.level, datasets_logging.is_progress_bar_enabled()
+    logger.setLevel(logging.CRITICAL)
+    if not sys.stderr.isatty():
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets_logging.enable_progress_bar()
 
 
 def open_documents(config: DataConfig):
@@ -118,20 +133,23 @@ def open_documents(config: DataConfig):
         return datasets.Dataset.from_dict({"text": builtin_documents()}), False
     if config.dataset == PYTHON_SOURCE:
         return datasets.Dataset.from_dict({"text": python_source_documents()}), False
+    check_source(config.dataset)
     files = local_files(config.dataset)
+    if files is not None:
+        builder = FILE_BUILDERS[Path(files[0]).suffix.lower()]
+        try:
+            with _datasets_quiet():
+                table = datasets.load_dataset(builder, data_files=files, split="train")
+        except Exception as error:
+            problem = bad_file(files, builder) or f"cannot be read ({type(error).__name__}: {_root_cause(error)})"
+            raise DataError(f"--dataset {config.dataset!r}: {problem}") from None
+        return _text_column(table, config), False
     try:
-        if files is not None:
-            builder = FILE_BUILDERS[Path(files[0]).suffix.lower()]
-            table = datasets.load_dataset(builder, data_files=files, split="train")
-            return _text_column(table, config), False
         stream = datasets.load_dataset(config.dataset, config.dataset_config, split=config.split, streaming=True)
-    except DataError:
-        raise
     except Exception as error:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1"
         hint = (
-            "offline: use --dataset builtin, --dataset synthetic:recall, --data-source random or local files"
-            if offline or "connect" in str(error).lower() or "offline" in str(error).lower()
+            OFFLINE_DATA
+            if "connect" in str(error).lower() or "offline" in str(error).lower()
             else "check the name, --dataset-config and --dataset-split"
         )
         raise DataError(f"--dataset {config.dataset!r}: cannot be loaded ({type(error).__name__}); {hint}") from None
@@ -144,8 +162,17 @@ def _text_column(table, config: DataConfig):
             f"--text-field {config.text_field!r} is not a column of {config.dataset!r} "
             f"(columns: {', '.join(table.column_names)})"
         )
+    problem = text_column_problem(table, config.text_field)
+    if problem:
+        raise DataError(f"--dataset {config.dataset!r}: {problem}")
     table = table.select_columns([config.text_field])
     return table if config.text_field == "text" else table.rename_column(config.text_field, "text")
+
+
+def _root_cause(error: BaseException) -> str:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return " ".join(str(error).split())[:200]
 
 
 class PackedTokenStream:
@@ -184,15 +211,12 @@ class PackedTokenStream:
 
     def _next_document(self) -> str:
         if self.streaming:
-            if self.iterator is None:
-                self.iterator = iter(self.stream)
-            try:
-                return next(self.iterator)["text"]
-            except StopIteration:
-                self.epoch += 1
-                self.stream.set_epoch(self.epoch)
-                self.iterator = iter(self.stream)
-                return next(self.iterator)["text"]
+            for _ in range(10_000):  # a stream is not checked in advance: rows without text are skipped
+                text = self._next_streamed()
+                if isinstance(text, str):
+                    return text
+            raise DataError(f"--dataset {self.config.dataset!r}: 10000 rows in a row have no text in field "
+                            f"{self.config.text_field!r}")  # fmt: skip
         if not hasattr(self, "_order") or self._order_epoch != self.epoch:
             self._order, self._order_epoch = self._epoch_order(), self.epoch
             if len(self._order) == 0:
@@ -203,6 +227,17 @@ class PackedTokenStream:
         text = self._order[self.position]["text"]
         self.position += 1
         return text
+
+    def _next_streamed(self):
+        if self.iterator is None:
+            self.iterator = iter(self.stream)
+        try:
+            return next(self.iterator)["text"]
+        except StopIteration:
+            self.epoch += 1
+            self.stream.set_epoch(self.epoch)
+            self.iterator = iter(self.stream)
+            return next(self.iterator)["text"]
 
     def next_window(self) -> list[int]:
         length = self.config.seq_len

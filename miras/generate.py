@@ -9,6 +9,7 @@ folder: `import miras` is all AutoModelForCausalLM, AutoTokenizer and `transform
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -84,6 +85,9 @@ def pick_device(name: str) -> str:
         return "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise GenerateError(f"--device {name}: no CUDA device is visible (accepted here: auto, cpu)")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise GenerateError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                            f"(accepted here: cuda:0 to cuda:{torch.cuda.device_count() - 1})")  # fmt: skip
     if name == "mps" and not torch.backends.mps.is_available():
         raise GenerateError("--device mps: MPS is not available (accepted here: auto, cpu)")
     return name
@@ -115,6 +119,12 @@ class _Parser(argparse.ArgumentParser):
         raise GenerateError(message)
 
 
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not a device (expected auto, cpu, cuda, cuda:N or mps)")
+
+
 def _probability(text: str) -> float:
     value = positive_float(text)
     if value > 1:
@@ -141,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--top-p", type=_probability, default=1.0, help="nucleus sampling mass in (0, 1] (default 1.0: off)")
     add("--greedy", action="store_true", help="take the most likely token (ignores --temperature/--top-p)")
     add("--seed", type=int, default=None, help="for reproducible sampling")
-    add("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
+    add("--device", type=_device, default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps")
     add("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto: bf16 on CUDA, else fp32")
     add("--cache-dir", default=None, help="where URL checkpoints are downloaded (default ~/.cache/miras/checkpoints)")
     add("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="passed to the storage backend")

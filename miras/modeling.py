@@ -134,7 +134,7 @@ class MonetaCache(Cache):
 
 
 class MonetaMixer(nn.Module):
-    """The token mixer: MONETA's memory in place of attention (MONETA.md §4.2)."""
+    """The token mixer: MONETA's memory in place of attention (docs/model.md)."""
 
     def __init__(self, config: MonetaConfig, layer_idx: int):
         super().__init__()
@@ -202,19 +202,38 @@ class MonetaMixer(nn.Module):
         padded = torch.cat([conv_state.to(x.dtype), x], dim=-1)
         out = self.conv(padded)  # through the module, so hooks, adapters and quantizers on it see the call
         # SiLU on the (B, T, C) layout: its backward on the transposed view is ~4x slower.
-        return F.silu(out.transpose(1, 2).contiguous()), padded[..., padded.shape[-1] - tail :]
+        # The carried tail is copied out: a view would keep the whole padded input alive in the cache, and its
+        # strides would differ between a prefill and a decoding step (one more graph under torch.compile).
+        return F.silu(out.transpose(1, 2).contiguous()), padded[..., padded.shape[-1] - tail :].contiguous()
 
-    def read_memory(self, q, k, v, eta, log_alpha, state: MemoryState, mask: torch.Tensor | None, decoding: bool):
+    def read_memory(
+        self,
+        q,
+        k,
+        v,
+        eta,
+        log_alpha,
+        state: MemoryState,
+        mask: torch.Tensor | None,
+        decoding: bool,
+        keep_intermediates: bool = False,
+    ):
         """Reads (B, H, T, d_h) and the new state: the one-token step when decoding, else the chunkwise path.
 
+        keep_intermediates: the chunkwise path keeps what its backward needs (the block is checkpointed and this is
+        its recompute, so the memory's forward runs twice per step, not three times).
         A method, so that a diagnostic can replace it on one model's mixers (miras.probes.memory_read_off).
         """
         args = (q, k, v, eta, log_alpha, state, self.memory_ln_weight, self.memory_ln_bias, self.rule)
+        impl = self.config.memory_impl
         if decoding:
-            return memory_step(*args, mask=mask)
-        return chunkwise_memory(*args, mask=mask, impl=self.config.memory_impl)
+            return memory_step(*args, mask=mask, impl=impl)
+        return chunkwise_memory(*args, mask=mask, impl=impl, keep_intermediates=keep_intermediates)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: MonetaCache | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, cache: MonetaCache | None, checkpointed: bool = False
+    ) -> torch.Tensor:
+        """checkpointed: the block runs this forward again before its backward (activation checkpointing)."""
         batch, length, d = x.shape
         heads, dh = self.num_heads, self.head_dim
         qkv = self.qkv_proj(x)
@@ -233,7 +252,7 @@ class MonetaMixer(nn.Module):
         if state is None:
             state = MemoryState.initial(self.memory_a1, self.memory_a2, batch, self.rule.chunk_size, self.channelwise)
         decoding = length == 1 and cache is not None and not torch.is_grad_enabled()
-        y, new_state = self.read_memory(q, k, v, eta, log_alpha, state, mask, decoding)
+        y, new_state = self.read_memory(q, k, v, eta, log_alpha, state, mask, decoding, checkpointed)
         if cache is not None:
             cache.conv_states[self.layer_idx] = new_conv_state
             cache.memory_states[self.layer_idx] = new_state
@@ -253,7 +272,9 @@ class MonetaBlock(GradientCheckpointingLayer):
         self.mlp = MonetaMLP(config)
 
     def forward(self, hidden_states: torch.Tensor, mask: torch.Tensor | None = None, cache: MonetaCache | None = None):
-        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), mask, cache)
+        # As GradientCheckpointingLayer decides: this forward runs again in the backward.
+        checkpointed = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        hidden_states = hidden_states + self.mixer(self.mixer_norm(hidden_states), mask, cache, checkpointed)
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
@@ -439,7 +460,7 @@ class MonetaModel(MonetaPreTrainedModel):
             if attention_mask.dim() != 2:
                 raise ValueError(f"attention_mask must be 2-D (batch, length), got shape {tuple(attention_mask.shape)}")
             mask = attention_mask[:, -length:].to(torch.bool)  # generate passes the mask of the whole sequence
-            if bool(mask.all()):
+            if not torch.compiler.is_compiling() and bool(mask.all()):  # a host check: eager only
                 mask = None
 
         hidden = inputs_embeds

@@ -45,11 +45,12 @@ def recall_batch(batch_size: int, keys: int, pairs: int, generator: torch.Genera
     return ids, labels
 
 
-# memory(q, k, v, eta, log_alpha, state, mask, decoding) -> (reads y, new state), as MonetaMixer.read_memory.
+# memory(q, k, v, eta, log_alpha, state, mask, decoding, keep_intermediates) -> (reads y, new state), as
+# MonetaMixer.read_memory.
 MemoryFunction = Callable[..., tuple[torch.Tensor, object]]
 
 
-def query_only(q, k, v, eta, log_alpha, state, mask=None, decoding=False):
+def query_only(q, k, v, eta, log_alpha, state, mask=None, decoding=False, keep_intermediates=False):
     """No memory: the read is the query itself (v kept in the graph, so every parameter gets a gradient)."""
     return q + 0 * v, state
 

@@ -146,10 +146,3 @@ def test_missing_file_and_unknown_column_are_clear_errors(tmp_path):
         stream(str(tmp_path / "missing.jsonl"))
     with pytest.raises(DataError, match="--text-field 'content' is not a column"):
         stream(write_corpus(tmp_path, "jsonl"), "content")
-
-
-def test_hub_dataset_offline_names_the_offline_choices(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="offline: use --dataset builtin"):
-        stream("HuggingFaceFW/fineweb-edu")

@@ -144,17 +144,17 @@ def test_miras_estimate_subcommand_is_wired(capsys):
     )
 
 
-def test_readme_estimate_commands_run_and_its_numbers_hold(capsys):
-    from tests.readme import bash_lines, section
+def test_the_user_guide_estimate_commands_run_and_its_numbers_hold(capsys):
+    from tests.readme import USER_GUIDE, bash_lines, section
 
-    lines = bash_lines("Estimates / disk")
+    lines = bash_lines("Estimates / disk", USER_GUIDE)
     assert len(lines) == 4
     for line in lines:
         words = shlex.split(line)
         assert words[:2] == ["miras", "estimate"]
         assert main([*words[2:], "--no-measure"]) == 0, line  # the memory measurement is tested above
         assert capsys.readouterr().out.strip()
-    text = section("Estimates / disk")
+    text = section("Estimates / disk", USER_GUIDE)
     default = estimate("l", measure=False)
     lean = estimate("l", ckpt_keep_last=6, ckpt_keep_milestones=12, measure=False)
     assert f"{default['parameters'] / 1e6:.1f}M parameters" in text

@@ -170,7 +170,7 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("memory_checkpoint_group", -1, "integer >= 0"),
         ("memory_gain_init_spread", 0.5, ">= 1"),
         ("memory_out_init_scale", 0.0, "> 0"),
-        ("memory_impl", "cuda", "one of auto, torch, triton"),
+        ("memory_impl", "cuda", "one of auto, torch, compiled, triton"),
         ("memory_init", "zeros", "'identity' or 'random'"),
         ("value_norm", 1, "true or false"),
         ("value_norm_eps", 0.0, "> 0"),
@@ -229,8 +229,8 @@ def test_identity_initial_read_is_the_query_whatever_the_gain():
     mixer = model.model.layers[0].mixer
     captured = {}
 
-    def spy(q, k, v, eta, log_alpha, state, mask, decoding):
-        y, new_state = type(mixer).read_memory(mixer, q, k, v, eta, log_alpha, state, mask, decoding)
+    def spy(q, k, v, eta, log_alpha, state, mask, decoding, keep=False):
+        y, new_state = type(mixer).read_memory(mixer, q, k, v, eta, log_alpha, state, mask, decoding, keep)
         captured.update(q=q, y=y)
         return y, new_state
 
@@ -342,3 +342,31 @@ def test_the_pad_token_row_learns_like_any_other():
     assert model.model.embed_tokens.padding_idx is None
     model(torch.tensor([[3, 4, 3, 5]]), labels=torch.tensor([[3, 4, 3, 5]])).loss.backward()
     assert model.model.embed_tokens.weight.grad[3].abs().sum() > 0
+
+
+def test_compiled_model_equals_eager_for_a_training_step_and_for_decoding():
+    """torch.compile(model, fullgraph=True): one graph, no break and no host sync, for a training step under block
+    checkpointing (forward and the joint backward) and for one-token decoding steps across a chunk boundary.
+
+    Backend aot_eager: what can break a graph or sync the host is in the capture (Dynamo, AOTAutograd), which this
+    runs in full; Inductor's C++ code generation would add ~100 CPU seconds (it is exercised by
+    tests/memory/test_chunkwise.py::test_compiled_memory_equals_token_loop and by bench/).
+    """
+    torch._dynamo.reset()
+    model = tiny_model(num_hidden_layers=1, chunk_size=4).train()
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = random_ids(2, 10)  # two full chunks and an open one
+    grads = []
+    for run in (compiled, model):
+        loss = run(ids, labels=ids).loss
+        grads.append((loss.detach(), *torch.autograd.grad(loss, list(model.parameters()))))
+    for name, c, e in zip(["loss"] + [n for n, _ in model.named_parameters()], *grads):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6, msg=name)
+
+    model.eval()
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :3], use_cache=True).cache
+        steps = [compiled(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(3, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, 3:], rtol=0, atol=1e-4)

@@ -1,4 +1,5 @@
-"""The training entry point: the README's main job, dry run, 2-process DDP on gloo, accumulation, bad input."""
+"""The training entry point: the README's main job, dry run, 2-process DDP on gloo, accumulation, bad input from
+the real command line (tests/test_bad_input.py has every case in this process)."""
 
 import json
 import os
@@ -68,6 +69,19 @@ def test_readme_main_job_trains_and_the_loss_falls(tmp_path):
     assert "eval_loss" in rows[-1]
     config = json.loads((tmp_path / "demo" / "config.json").read_text())
     assert config["world_size"] == 1 and config["versions"]["torch"] == torch.__version__
+    # secrets are masked in config.json, token ids and counts are not (their names hold "token")
+    assert config["tokens_per_step"] == 4 * 128 and config["model_config"]["eos_token_id"] == 256
+    assert config["model_config"]["bos_token_id"] == config["model_config"]["pad_token_id"] == 256
+
+
+def test_the_command_line_names_every_size_and_memory_implementation():
+    """args.py writes them out so that parsing imports no torch; they must stay those of the model."""
+    from miras.configuration import MODEL_SIZES
+    from miras.memory.dispatch import IMPLEMENTATIONS
+    from miras.train.args import MEMORY_IMPLS, MODEL_SIZE_NAMES, PAPER_TOKEN_BUDGET
+
+    assert MODEL_SIZE_NAMES == tuple(MODEL_SIZES) == tuple(PAPER_TOKEN_BUDGET)
+    assert MEMORY_IMPLS == IMPLEMENTATIONS
 
 
 def test_dry_run_is_quick_and_writes_nothing(tmp_path):
@@ -133,32 +147,6 @@ def test_two_process_gloo_run_really_has_two_ranks(tmp_path):
         assert torch.equal(weights[0][key], weights[1][key]), key  # identical after the steps
 
 
-@pytest.mark.parametrize(
-    "args,message",
-    [
-        (["--model-size", "xxl"], "argument --model-size: invalid choice: 'xxl'"),
-        (["--dataset", "no/such/file.jsonl"], "no such file"),
-        (["--dataset", "HuggingFaceFW/fineweb-edu"], "offline: use --dataset builtin"),
-        (["--seq-len", "0"], "argument --seq-len: 0 is not positive"),
-        (["--tokenizer", "no-such-tokenizer-xyz"], "--tokenizer 'no-such-tokenizer-xyz'"),
-        (["--batch-size", "-1"], "argument --batch-size/--microbatch-size: -1 is not positive"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2_and_no_run_folder(tmp_path, capsys, args, message):
-    # In-process (a subprocess costs ~7 s of imports in CI); the next test checks the real process once.
-    base = ["--dataset", "builtin", "--device", "cpu", "--max-steps", "1", "--output-dir", str(tmp_path)]
-    try:
-        code = main([*base, *args])
-    except SystemExit as exit:  # argparse's own errors
-        code = exit.code
-    stderr = capsys.readouterr().err
-    assert code == 2
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    assert message in lines[-1]
-    assert "Traceback" not in stderr
-    assert not any(tmp_path.iterdir())
-
-
 def test_bad_input_from_the_command_line_exits_2_without_a_traceback(tmp_path):
     base = ["--dataset", "builtin", "--device", "cpu", "--max-steps", "1", "--output-dir", str(tmp_path)]
     for bad in (["--model-size", "xxl"], ["--tokenizer", "no-such-tokenizer-xyz"]):  # argparse's, then ours
@@ -219,3 +207,41 @@ def test_eval_every_evaluates_between_log_rows_and_a_bad_eval_dataset_is_one_lin
     assert err == [f"miras train: error: --eval-dataset {missing!r}: no such file (accepted: .txt, .jsonl, .json, "
                    ".parquet files or globs)"]  # fmt: skip
     assert not (tmp_path / "m").exists()
+
+
+def test_the_earlier_train_py_checkpoint_names_mean_miras_folders(tmp_path, capsys, monkeypatch):
+    """`--resume .../latest.pt` (the earlier trainer's habit) resumes from the checkpoint `latest` names, bare
+    `latest.pt` from the run's own; `step_X.pt` means the folder step_X; the resolver then finds the folder."""
+    from miras.checkpoint.resolve import resolve_checkpoint
+    from miras.train.args import earlier_checkpoint_name
+
+    checkpoints = tmp_path / "runs" / "r" / "checkpoints"
+    step = checkpoints / "step_00000002"
+    step.mkdir(parents=True)
+    (step / "config.json").write_text("{}")
+    (step / "model.safetensors").write_bytes(b"")
+    (checkpoints / "latest").write_text("step_00000002\n")
+    monkeypatch.chdir(tmp_path)
+    given = earlier_checkpoint_name(str(checkpoints / "latest.pt"), None, "--resume")
+    assert resolve_checkpoint(given) == step
+    assert resolve_checkpoint(earlier_checkpoint_name("latest.pt", Path("runs/r"), "--resume")).resolve() == step
+    assert "the checkpoint" in capsys.readouterr().out  # one note says what latest.pt was taken to mean
+    assert earlier_checkpoint_name(str(checkpoints / "step_00000002.pt"), None, "--resume") == str(step)
+    assert earlier_checkpoint_name(str(step), None, "--resume") == str(step)  # miras names pass unchanged
+    assert earlier_checkpoint_name("auto", None, "--resume") == "auto"
+
+
+def test_compile_compiles_each_block_in_place_and_keeps_the_state_dict():
+    """--compile: each block one graph (torch.compile, fullgraph), compiled on the first step; the module tree and
+    its state-dict keys are unchanged (checkpoints stay loadable)."""
+    from miras import MonetaConfig, MonetaForCausalLM
+    from miras.checkpoint.checkpointer import Start
+    from miras.train.args import build_parser
+    from miras.train.build import build_model
+
+    args = build_parser().parse_args([*TINY, "--compile", "--memory-impl", "compiled"])
+    config = MonetaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=48)
+    model = build_model(args, config, Start())
+    assert all(block._compiled_call_impl is not None for block in model.model.layers)
+    assert model.config.memory_impl == "compiled"
+    assert list(model.state_dict()) == list(MonetaForCausalLM(config).state_dict())

@@ -100,7 +100,7 @@ def test_a_real_full_disk_stops_the_run_cleanly(tmp_path):
         ("", "empty destination ''"),
         ("  ", "empty destination"),
         ("s3://", "names no bucket"),
-        ("file://", "names no bucket"),
+        ("file://", "names no folder"),
         ("/", "is the filesystem root"),
     ],
 )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..storage import StorageError, installed_schemes, open_backend, parse_options, redact
 from ..storage.base import one_line
+from ..storage.fsspec_backend import unreachable_host
 from .catalog import committed, describe
 from .files import checkpoints_dir
 from .latest import read_latest
@@ -20,8 +21,10 @@ from .resolve import holds_checkpoint
 
 
 class _Parser(argparse.ArgumentParser):
+    """argparse with its error in one line (no usage dump) and exit code 2."""
+
     def error(self, message: str):
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         sys.exit(2)
 
 
@@ -88,13 +91,13 @@ Examples:
 
 
 def build_storage_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="miras storage",
         description="List and download what miras synced to a storage destination.",
         epilog=EPILOG.format(schemes=", ".join(installed_schemes())),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION", parser_class=_Parser)
     option_help = "backend option KEY=VALUE (repeatable), e.g. endpoint_url=http://127.0.0.1:9000"
     ls = sub.add_parser("ls", help="list the files under URL (recursively)")
     ls.add_argument("url", metavar="URL")
@@ -111,30 +114,54 @@ def build_storage_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Third-party loggers that report each retry (with its traceback) of a request that then fails: the command
+# says what failed in one line instead.
+_CHATTY_LOGGERS = ("gcsfs", "s3fs", "aiobotocore", "botocore", "aiohttp", "urllib3", "google", "fsspec")
+
+
 def storage_main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 2 bad input (URL, scheme, option, nothing there, no valid checkpoint), 1 a failure
+    of the storage itself (network, permissions)."""
     args = build_storage_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="miras storage: %(message)s")
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     options: dict[str, str] = {}
+
+    def fail(message: str, code: int) -> int:
+        print(f"miras storage {args.action}: error: {redact(one_line(message), options)}", file=sys.stderr)
+        return code
+
     try:
         options = parse_options(args.storage_option)
+    except StorageError as error:
+        return fail(str(error), 2)
+    unreachable = unreachable_host(args.url, options)  # before the client looks for credentials on the network
+    if unreachable:
+        return fail(f"{args.url}: {unreachable}", 1)
+    try:
         backend = open_backend(args.url, options)
+    except StorageError as error:  # the URL, its scheme or an option
+        return fail(str(error), 2)
+    try:
         if args.action == "ls":
-            if args.checkpoints:
-                for entry in remote_checkpoint_summary(backend):
-                    marks = " milestone" * entry["milestone"] + " <- latest" * entry["latest"]
-                    print(f"{entry['key']}  {entry['files']} files  {entry['bytes']} bytes{marks}")
-            else:
-                for key in backend.list(""):
-                    print(key)
+            keys = backend.list("")
+            if not keys:
+                return fail(f"{args.url}: nothing there (expected a run folder or checkpoint folder URL)", 2)
+            if not args.checkpoints:
+                print("\n".join(keys))
+                return 0
+            for entry in remote_checkpoint_summary(backend):
+                marks = " milestone" * entry["milestone"] + " <- latest" * entry["latest"]
+                print(f"{entry['key']}  {entry['files']} files  {entry['bytes']} bytes{marks}")
             return 0
         if holds_checkpoint(backend):  # URL is one checkpoint folder
             path = download_checkpoint(backend, "", args.dest)
         else:
             path = pull_latest(backend, args.dest)
             if path is None:
-                raise StorageError(f"{args.url}: no valid checkpoint here (neither a checkpoint nor a run folder)")
+                return fail(f"{args.url}: no valid checkpoint here (neither a checkpoint nor a run folder)", 2)
         print(path)
         return 0
     except Exception as error:  # StorageError, or a backend's own (network, permissions): one line, no traceback
-        print(f"miras storage: error: {redact(one_line(error), options)}", file=sys.stderr)
-        return 1
+        return fail(str(error), 1)

@@ -1,18 +1,21 @@
 """The training path: MONETA's memory over a whole sequence, chunk by chunk in the dual form.
 
 Within a chunk every token's read is one batched contraction (no per-token weights); across
-chunks the accumulators recur. Each chunk step keeps only its inputs for the backward, which
-recomputes the rest of the chunk when autograd reaches it: the mixer's activation memory is
-B*H*(T/b)*2*d_h*m floats, not a multiple of the per-chunk intermediates. The backward is the
-hand-written one of chunk_backward.py; rules it does not cover run chunk_step under activation
-checkpointing and autograd differentiates it.
+chunks the accumulators recur. The chunk sequence runs in torch_chunk.py (the hand-written forward
+and backward, its reads and most of its backward batched over chunks), in triton_chunk.py's kernels,
+or, for the rules the hand-written backward does not cover (channel-wise gates, inner_grad_clamp), as
+`chunk_step` per chunk under activation checkpointing with autograd's backward (`_autograd_chunks`).
 
 Sequences may start inside an open chunk (the state's buffer) and rows may have masked tokens.
 Masked tokens do not advance a row's chunk position: the tokens of each row are compacted to
 the front before chunking, so a left-padded row computes exactly what it computes alone.
 
-`impl` chooses what runs the chunk sequence once it is compacted and padded: this file's loop
-("torch") or the Triton kernels of triton_chunk.py ("triton"); dispatch.py has the rules.
+No host sync: which of those steps run is decided from shapes and Python-level facts (a mask was
+passed, the state's open chunk is known to be empty), never from tensor values, so the whole op
+runs inside one compiled graph and never waits on a device.
+
+`impl` chooses what runs the chunk sequence once it is compacted and padded (dispatch.py has the
+rules); `keep_intermediates` what the backward gets from the forward (torch_chunk.py).
 """
 
 from __future__ import annotations
@@ -20,34 +23,20 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .chunk_backward import ChunkStep, compile_functions, supports
 from .dispatch import select_impl
 from .rule import RuleConfig, chunk_step
 from .state import MemoryState
-
-_compiled_chunk_step = None
-
-# False: every chunk runs chunk_step under activation checkpointing and autograd differentiates it
-# (the reference the tests compare the hand-written backward with).
-HANDWRITTEN_BACKWARD = True
-
-
-def compile_chunk_step(enabled: bool = True) -> None:
-    """Run chunk steps through torch.compile (fuses the elementwise passes).
-
-    Both the hand-written backward's forward and backward functions and, for the rules that fall
-    back to autograd, the checkpointed chunk step. The chunk loop itself stays in Python: compiling
-    only the step keeps the graphs small (one chunk) and the cold compile short, whatever the
-    sequence length.
-    """
-    global _compiled_chunk_step
-    _compiled_chunk_step = torch.compile(chunk_step, dynamic=False) if enabled else None
-    compile_functions(enabled)
+from .torch_chunk import torch_memory
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # The inner loop runs in fp32 whatever the outer precision (MONETA.md G7); fp64 stays fp64 for tests.
+    # The inner loop runs in fp32 whatever the outer precision (docs/model.md, "Numerics"); fp64 stays fp64 for tests.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def handwritten_backward(rule: RuleConfig, channelwise: bool) -> bool:
+    """Whether torch_chunk.py covers this rule (otherwise autograd differentiates chunk_step)."""
+    return not channelwise and rule.inner_grad_clamp is None
 
 
 def chunkwise_memory(
@@ -62,23 +51,29 @@ def chunkwise_memory(
     rule: RuleConfig,
     mask: torch.Tensor | None = None,
     impl: str = "torch",
+    keep_intermediates: bool = False,
 ) -> tuple[torch.Tensor, MemoryState]:
     """Memory reads for a segment and the state after it.
 
     q, k, v: (B, H, T, d_h); eta, log_alpha: (B, H, T) per-head or (B, H, T, d_h) channel-wise;
     gamma, beta: (H, d_h) LayerNorm affine of the memory; mask: (B, T) bool, False = padding.
-    impl: "torch", "triton" or "auto" (dispatch.py).
+    impl: "torch", "compiled", "triton" or "auto" (dispatch.py).
+    keep_intermediates: the caller runs this forward again before its backward (block activation
+    checkpointing), so the op keeps what its backward needs instead of recomputing it: the memory's
+    forward then runs twice per training step, not three times. rule.checkpoint_group (the op's own
+    recompute) applies only without it: one decision, not two stacked ones.
     Returns y (B, H, T, d_h) in the compute dtype (fp32, or fp64 for fp64 inputs) and the new state.
     """
     dtype = _compute_dtype(q)
     impl = select_impl(impl, q.device, rule, eta.dim() == 4)
     with torch.autocast(device_type=q.device.type, enabled=False):
         return _chunkwise_memory(
-            *(t.to(dtype) for t in (q, k, v, eta, log_alpha)), state, gamma.to(dtype), beta.to(dtype), rule, mask, impl
-        )
+            *(t.to(dtype) for t in (q, k, v, eta, log_alpha)), state, gamma.to(dtype), beta.to(dtype), rule, mask,
+            impl, keep_intermediates,
+        )  # fmt: skip
 
 
-def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask, impl="torch"):
+def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask, impl="torch", keep=False):
     batch, heads, length, head_dim = q.shape
     b = rule.chunk_size
     channelwise = eta.dim() == 4
@@ -88,10 +83,10 @@ def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask, i
         eta = eta * gate_mask
         log_alpha = log_alpha * gate_mask
 
-    # 1. The open chunk of the incoming state goes first, its queries unused.
+    # 1. The open chunk of the incoming state goes first, its queries unused (unless it is known to be empty).
     valid = mask
     prefix = 0
-    if bool((state.buffer_len > 0).any()):
+    if not state.empty_buffer:
         prefix = b
         q = torch.cat([torch.zeros_like(state.buffer_k).to(q.dtype), q], dim=2)
         k = torch.cat([state.buffer_k.to(k.dtype), k], dim=2)
@@ -104,7 +99,7 @@ def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask, i
     # 2. Compact each row's valid tokens to the front, so chunk boundaries count real tokens only.
     total = length + prefix
     order = inverse = lengths = None
-    if valid is not None and not bool(valid.all()):
+    if valid is not None:
         order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)
         inverse = torch.argsort(order, dim=1)
         lengths = valid.sum(dim=1)
@@ -122,27 +117,28 @@ def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask, i
         from .triton_chunk import triton_memory  # imports triton: only when this path runs
 
         y, a1, a2 = triton_memory(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule)
+    elif handwritten_backward(rule, channelwise):
+        y, a1, a2 = torch_memory(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, keep, impl == "compiled")
     else:
-        y, a1, a2 = _torch_chunks(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, num_chunks)
+        y, a1, a2 = _autograd_chunks(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, num_chunks)
     return _finish(y, a1, a2, k, v, eta, log_alpha, lengths, total, prefix, inverse, valid, num_chunks, rule)
 
 
-def _torch_chunks(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, num_chunks):
-    """This file's chunk loop over the compacted, padded sequence: y and the final accumulators."""
-    batch, _, _, _ = q.shape
+def _autograd_chunks(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, num_chunks):
+    """The chunk loop with autograd's backward: each chunk_step under activation checkpointing.
+
+    For the rules torch_chunk.py does not cover, and the reference its tests compare with. With
+    rule.checkpoint_group = G > 1, two levels: only every group's first state is kept through the
+    forward; the backward re-runs one group at a time (keeping its chunk states) and then each chunk.
+    """
     b = rule.chunk_size
     chunks = [_split_chunks(t, num_chunks) for t in (q, k, v, eta, log_alpha)]
-
     causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()
     gamma_b = gamma[None, :, None, :]
     beta_b = beta[None, :, None, :]
-    channelwise = eta.dim() == 4
     use_checkpoint = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k, v, eta, log_alpha, a1, a2, gamma, beta)
     )
-    step = _compiled_chunk_step or chunk_step
-    # The hand-written backward (chunk_backward.py) unless the rule needs autograd's.
-    handwritten = HANDWRITTEN_BACKWARD and supports(rule, channelwise)
 
     def run_chunks(a1, a2, first: int, stop: int):
         outputs = []
@@ -151,20 +147,15 @@ def _torch_chunks(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, n
                 a1, a2 = a1.detach(), a2.detach()  # truncated BPTT: outputs unchanged, gradients cut here
             full = None if lengths is None else (n + 1) * b <= lengths
             args = (a1, a2, *(c[n] for c in chunks), gamma_b, beta_b, full, causal, rule)
-            if use_checkpoint and handwritten:
-                y, a1, a2 = ChunkStep.apply(*args)
-            elif use_checkpoint:
-                y, a1, a2 = checkpoint(step, *args, use_reentrant=False)
+            if use_checkpoint:
+                y, a1, a2 = checkpoint(chunk_step, *args, use_reentrant=False)
             else:
-                y, a1, a2 = step(*args)
+                y, a1, a2 = chunk_step(*args)
             outputs.append(y)
         return torch.cat(outputs, dim=2), a1, a2
 
     group = rule.checkpoint_group
     if use_checkpoint and group > 1:
-        # Two levels: only every group's first state is kept through the forward; the backward
-        # re-runs one group at a time (keeping its chunk states) and then each chunk inside it.
-        # Saved states fall from num_chunks to num_chunks / group + group, for one more forward.
         outputs = []
         for first in range(0, num_chunks, group):
             y, a1, a2 = checkpoint(run_chunks, a1, a2, first, min(first + group, num_chunks), use_reentrant=False)
@@ -192,7 +183,8 @@ def _finish(y, a1, a2, k, v, eta, log_alpha, lengths, total, prefix, inverse, va
         taken = _gather_time(t, index)
         keep_b = keep[:, None, :, None] if taken.dim() == 4 else keep[:, None, :]
         buffers.append(taken * keep_b)
-    new_state = MemoryState(a1, a2, *buffers, buffer_len=buffer_len)
+    # Known on the host: without compaction or padding every row ends on a chunk boundary.
+    new_state = MemoryState(a1, a2, *buffers, buffer_len=buffer_len, empty_buffer=lengths is None)
 
     # 5. Outputs back in the caller's order, without the prefix; padding reads are zeroed.
     y = y[:, :, :total]

@@ -1,10 +1,13 @@
-"""Which implementation runs a segment's chunk sequence: the torch path or the Triton kernels.
+"""Which implementation runs a segment's chunk sequence: the torch path, compiled or not, or the Triton kernels.
 
 Chosen per call by the `impl` argument of chunkwise_memory (MonetaConfig.memory_impl), never by
 module state:
 
-- "torch": chunkwise.py with the hand-written backward of chunk_backward.py; the reference, runs
+- "torch": torch_chunk.py, the hand-written forward and backward, eager; the reference, runs
   everywhere.
+- "compiled": the same functions through torch.compile (one small graph per chunk step and per
+  group of chunks, compiled on first use per shape). Needs a working torch.compile (a C++ compiler on
+  the CPU); the same function as "torch".
 - "triton": triton_chunk.py, one launch for the whole chunk sequence. Runs on CUDA tensors with
   triton installed (`pip install 'miras[triton]'`), or on CPU tensors under TRITON_INTERPRET=1 (the
   tests). Where it cannot run, or for a rule it does not cover, the torch path runs instead and a
@@ -26,7 +29,7 @@ import torch
 
 from .rule import RuleConfig
 
-IMPLEMENTATIONS = ("auto", "torch", "triton")
+IMPLEMENTATIONS = ("auto", "torch", "compiled", "triton")
 
 
 def triton_unavailable(device: torch.device) -> str | None:
@@ -50,9 +53,11 @@ def triton_unsupported(rule: RuleConfig, channelwise: bool) -> str | None:
 
 
 def select_impl(impl: str, device: torch.device, rule: RuleConfig, channelwise: bool) -> str:
-    """The implementation that runs: "torch" or "triton" (see the module docstring)."""
+    """The implementation that runs: "torch", "compiled" or "triton" (see the module docstring)."""
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"memory implementation {impl!r} is invalid: expected one of {', '.join(IMPLEMENTATIONS)}")
+    if impl == "compiled":
+        return "compiled"
     if impl != "triton":
         return "torch"
     reason = triton_unsupported(rule, channelwise) or triton_unavailable(device)

@@ -1,9 +1,9 @@
 """A plain token-by-token loop with the chunk approximation: the reference the tests compare against.
 
-Nothing here is fast or batched cleverly; each line is one equation of MONETA.md §3.2's naive form:
-at a chunk start the anchor W = s(A) * A is frozen; each token's gradient is taken at that anchor;
-the accumulators decay and step; the token reads M(q; s_anchor * A_t). Masked tokens are skipped
-entirely (they do not count toward the chunk position).
+Nothing here is fast or batched cleverly; each line is one equation of the token-by-token form
+(docs/model.md, "Chunks: the dual form"): at a chunk start the anchor W = s(A) * A is frozen; each
+token's gradient is taken at that anchor; the accumulators decay and step; the token reads
+M(q; s_anchor * A_t). Masked tokens are skipped entirely (they do not count toward the chunk position).
 """
 
 from __future__ import annotations

@@ -1,25 +1,27 @@
 """The decoding path: one token at a time, with the same chunk semantics as the training path.
 
-A token joins the open chunk: its inner gradient is taken at the chunk's anchor, its read is the
-dual form over the open chunk (at most `chunk_size` tokens), and when the chunk fills up it is
-committed exactly as the chunkwise path commits it. So decoding reproduces the full forward, and
-each token costs O(chunk * (d_h + m) + d_h * m) per head whatever the context length.
+A token's inner gradient is taken at its chunk's anchor, as in the chunkwise path; the state also
+carries the running accumulators A_t = alpha_t A_{t-1} - eta_t grad_t of the open chunk, and the
+token reads M(q; s * A_t) from them directly (the primal form of the chunkwise path's dual-form read,
+the same sum in another order). When the chunk fills, A_t is the committed state and becomes the
+next anchor, so decoding reproduces the full forward. A token costs O(d_h * m) per head whatever the
+context: three products with the anchor (its gradient), two with A_t (its read) and two rank-1
+updates.
+
+No host sync inside a compiled graph: there the commit (new anchor and its l_q normalisers) is
+computed at every token and kept where a row's chunk filled; run eagerly, it is computed only when
+some row's chunk fills (a host check of buffer_len, free on the CPU). impl="compiled" runs the step
+through torch.compile (one graph per batch size).
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 
 from .chunkwise import _compute_dtype
-from .rule import (
-    AnchorGradients,
-    RuleConfig,
-    anchor_gradients,
-    committed_accumulators,
-    decay_weights,
-    dual_form_read,
-    lq_scale,
-)
+from .rule import RuleConfig, anchor_gradients, committed_accumulators, decay_weights, gelu, layer_norm, lq_scale
 from .state import MemoryState
 
 
@@ -34,12 +36,38 @@ def memory_step(
     beta: torch.Tensor,
     rule: RuleConfig,
     mask: torch.Tensor | None = None,
+    impl: str = "torch",
 ) -> tuple[torch.Tensor, MemoryState]:
-    """Read and update for one new token per row. Shapes as chunkwise_memory with T = 1."""
+    """Read and update for one new token per row. Shapes as chunkwise_memory with T = 1.
+
+    impl: "compiled" runs the step through torch.compile; any other value runs it eagerly (the Triton
+    kernels are for whole chunk sequences).
+    """
     dtype = _compute_dtype(q)
+    step = _compiled_step() if impl == "compiled" and not torch.compiler.is_compiling() else _memory_step
     with torch.autocast(device_type=q.device.type, enabled=False):
         q, k, v, eta, log_alpha, gamma, beta = (t.to(dtype) for t in (q, k, v, eta, log_alpha, gamma, beta))
-        return _memory_step(q, k, v, eta, log_alpha, state, gamma[None, :, None, :], beta[None, :, None, :], rule, mask)
+        return step(q, k, v, eta, log_alpha, state, gamma[None, :, None, :], beta[None, :, None, :], rule, mask)
+
+
+@cache
+def _compiled_step():
+    return torch.compile(_memory_step, dynamic=False, fullgraph=True)
+
+
+def running_accumulators(state: MemoryState, a1, a2, scale1, scale2, gamma, beta, rule: RuleConfig):
+    """A_t after the open chunk's tokens, from the anchor and the buffer (for a state the chunkwise path left).
+
+    Empty slots hold eta = 0 and log_alpha = 0: they neither decay nor write.
+    """
+    buffer_k, buffer_v = state.buffer_k.to(a1.dtype), state.buffer_v.to(a1.dtype)
+    grads = anchor_gradients(buffer_k, buffer_v, a1, a2, gamma, beta, rule, scale1, scale2)
+    cumulative = state.buffer_log_alpha.to(a1.dtype).cumsum(dim=2)
+    last = cumulative[:, :, -1:]
+    channelwise = state.buffer_eta.dim() == 4
+    causal = torch.ones(1, rule.chunk_size, dtype=torch.bool, device=a1.device)
+    weights = decay_weights(last, cumulative, state.buffer_eta.to(a1.dtype), causal, channelwise)
+    return committed_accumulators(a1, a2, buffer_k, grads, weights[:, :, 0], last[:, :, 0].exp())
 
 
 def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
@@ -50,15 +78,37 @@ def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
         scale1, scale2 = lq_scale(a1, rule), lq_scale(a2, rule)
     else:  # the anchor has not moved since the normalisers were taken
         scale1, scale2 = state.scale1.to(q.dtype), state.scale2.to(q.dtype)
-    if state.buffer_act is None:
-        buffer_k, buffer_v = state.buffer_k.to(q.dtype), state.buffer_v.to(q.dtype)
-        cached = anchor_gradients(buffer_k, buffer_v, a1, a2, gamma, beta, rule, scale1, scale2)
+    if state.run_a1 is None:
+        run1, run2 = running_accumulators(state, a1, a2, scale1, scale2, gamma, beta, rule)
     else:
-        cached = AnchorGradients(state.buffer_act, state.buffer_gz, state.buffer_gh)
-    new = anchor_gradients(k, v, a1, a2, gamma, beta, rule, scale1, scale2)
+        run1, run2 = state.run_a1.to(q.dtype), state.run_a2.to(q.dtype)
 
-    advance = torch.ones_like(state.buffer_len, dtype=torch.bool) if mask is None else mask[:, -1].to(torch.bool)
-    slot = (torch.arange(b, device=q.device)[None, :] == state.buffer_len[:, None]) & advance[:, None]  # (B, b)
+    advance = None if mask is None else mask[:, -1].to(torch.bool)
+    if advance is not None:  # a padded token is a no-op: it neither decays (alpha = 1) nor writes (eta = 0)
+        gate = advance[:, None, None, None] if channelwise else advance[:, None, None]
+        eta, log_alpha = eta * gate, log_alpha * gate
+    grads = anchor_gradients(k, v, a1, a2, gamma, beta, rule, scale1, scale2)
+    alpha = log_alpha.exp()
+    if channelwise:  # over d_h: the rows of A1 (outputs) and the columns of A2 (inputs)
+        run1 = alpha.transpose(-1, -2) * run1 - (grads.gz * eta).transpose(-1, -2) @ grads.act
+        run2 = run2 * alpha - grads.gh.transpose(-1, -2) @ (k * eta)
+    else:
+        run1 = torch.baddbmm(
+            (alpha[..., None] * run1).flatten(0, 1), (grads.gz * -eta[..., None]).transpose(-1, -2).flatten(0, 1),
+            grads.act.flatten(0, 1),
+        ).view(run1.shape)  # fmt: skip
+        run2 = torch.baddbmm(
+            (alpha[..., None] * run2).flatten(0, 1), grads.gh.transpose(-1, -2).flatten(0, 1),
+            (k * -eta[..., None]).flatten(0, 1),
+        ).view(run2.shape)  # fmt: skip
+    act_q = gelu((q * scale2) @ run2.transpose(-1, -2))
+    u, _, _ = layer_norm((act_q @ run1.transpose(-1, -2)) * scale1, gamma, beta, rule.ln_eps)
+    y = q + u
+
+    slot = torch.arange(b, device=q.device)[None, :] == state.buffer_len[:, None]  # (B, b)
+    if advance is not None:
+        slot = slot & advance[:, None]
+        y = y * advance[:, None, None, None]
 
     def put(buffer, value):
         where = slot[:, None, :, None] if buffer.dim() == 4 else slot[:, None, :]
@@ -66,40 +116,20 @@ def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
 
     buffer_k, buffer_v = put(state.buffer_k, k), put(state.buffer_v, v)
     buffer_eta, buffer_log_alpha = put(state.buffer_eta, eta), put(state.buffer_log_alpha, log_alpha)
-    grads = AnchorGradients(put(cached.act, new.act), put(cached.gz, new.gz), put(cached.gh, new.gh))
-
-    # The new token sits at the last filled slot; empty slots after it have log_alpha = 0 and
-    # eta = 0, so the query's cumulative decay is the buffer's total and they weigh nothing.
-    cumulative = buffer_log_alpha.cumsum(dim=2)
-    query_cumulative = cumulative[:, :, -1:]
-    causal = torch.ones(1, b, dtype=torch.bool, device=q.device)
-    weights = decay_weights(query_cumulative, cumulative, buffer_eta, causal, channelwise)
-    y = dual_form_read(q, a1, a2, scale1, scale2, buffer_k, grads, weights, query_cumulative.exp(), gamma, beta, rule)
-    if mask is not None:
-        y = y * advance[:, None, None, None]
-
-    buffer_len = state.buffer_len + advance.long()
+    buffer_len = state.buffer_len + (1 if advance is None else advance.long())
     full = buffer_len == b
-    if bool(full.any()):
-        new_a1, new_a2 = committed_accumulators(
-            a1, a2, buffer_k, grads, weights[:, :, 0], query_cumulative[:, :, 0].exp()
-        )
+    # A compiled graph computes the commit every token (no host sync); eager code only when a chunk fills.
+    if torch.compiler.is_compiling() or bool(full.any()):
         keep = full[:, None, None, None]
-        a1, a2 = torch.where(keep, new_a1, a1), torch.where(keep, new_a2, a2)
-        scale1, scale2 = lq_scale(a1, rule), lq_scale(a2, rule)  # rows that did not commit: the same values
-        reset = full[:, None, None, None]
-        reset_gate = full[:, None, None] if buffer_eta.dim() == 3 else reset
-        buffer_k, buffer_v, buffer_act, buffer_gz, buffer_gh = (
-            t.masked_fill(reset, 0.0) for t in (buffer_k, buffer_v, grads.act, grads.gz, grads.gh)
-        )
-        grads = AnchorGradients(buffer_act, buffer_gz, buffer_gh)
-        buffer_eta = buffer_eta.masked_fill(reset_gate, 0.0)
-        buffer_log_alpha = buffer_log_alpha.masked_fill(reset_gate, 0.0)
+        a1, a2 = torch.where(keep, run1, a1), torch.where(keep, run2, a2)
+        scale1 = torch.where(keep, lq_scale(run1, rule), scale1)
+        scale2 = torch.where(keep, lq_scale(run2, rule), scale2)
+        keep_gate = full[:, None, None] if buffer_eta.dim() == 3 else keep
+        buffer_k, buffer_v = buffer_k.masked_fill(keep, 0.0), buffer_v.masked_fill(keep, 0.0)
+        buffer_eta = buffer_eta.masked_fill(keep_gate, 0.0)
+        buffer_log_alpha = buffer_log_alpha.masked_fill(keep_gate, 0.0)
         buffer_len = buffer_len.masked_fill(full, 0)
-        # Rows that committed have a new anchor; their (empty) cached gradients are stale but
-        # weigh nothing (eta = 0) until a token overwrites the slot.
     new_state = MemoryState(
-        a1, a2, buffer_k, buffer_v, buffer_eta, buffer_log_alpha, buffer_len, grads.act, grads.gz, grads.gh,
-        scale1, scale2,
-    )  # fmt: skip
+        a1, a2, buffer_k, buffer_v, buffer_eta, buffer_log_alpha, buffer_len, run1, run2, scale1, scale2
+    )
     return y, new_state

@@ -2,17 +2,17 @@
 
 Per head the memory is a 2-layer MLP  M(x) = x + LN(W1 · gelu(W2 · x))  with
 W1 (d_h x m) and W2 (m x d_h), m = expansion * d_h. Its weights are never stored directly:
-MONETA keeps accumulators A1, A2 and reads W = A / max(||A||_q, floor)^(q-2)  (MONETA.md §2.3).
+MONETA keeps accumulators A1, A2 and reads W = A / max(||A||_q, floor)^(q-2)  (docs/model.md, "The memory rule").
 
-Chunk semantics (MONETA.md §3.1-3.2): every token of a chunk takes its inner gradient at the
+Chunk semantics (docs/model.md, "Chunks: the dual form"): every token of a chunk takes its inner gradient at the
 anchor (the weights at the chunk start), the accumulators decay by alpha and step by -eta * grad,
 and the l_q normaliser is frozen inside the chunk and recomputed at the chunk end.
 
 Everything here is plain tensor math on (..., tokens, features) tensors. Gates come either
 per head, shape (..., b), or channel-wise over the d_h axis, shape (..., b, d_h): a channel-wise
 gate scales the d_h-axis of both matrices (the rows of A1, which are outputs, and the columns of
-A2, which are inputs), so both reads stay cheap b x b contractions (MONETA.md §3.4; the axis is
-our choice, the paper does not say).
+A2, which are inputs), so both reads stay cheap b x b contractions (the axis is our choice, the
+paper does not say).
 """
 
 from __future__ import annotations
@@ -31,12 +31,12 @@ class RuleConfig:
     p: float = 3.0  # l_p attentional bias
     q: float = 4.0  # l_q retention
     chunk_size: int = 64
-    lq_floor: float = 1e-6  # floor tau on ||A||_q before the power (MONETA.md G4)
+    lq_floor: float = 1e-6  # floor tau on ||A||_q before the power
     ln_eps: float = 1e-5  # LayerNorm inside the memory
     smooth_lp: bool | None = None  # None: exact gradient for p >= 2, smooth surrogate for p < 2
-    sign_sharpness: float = 10.0  # sign(e) ~ tanh(a e) in the surrogate (MONETA.md G2)
+    sign_sharpness: float = 10.0  # sign(e) ~ tanh(a e) in the surrogate
     abs_eps: float = 1e-6  # |e| ~ sqrt(e^2 + eps) in the surrogate
-    inner_grad_clamp: float | None = None  # soft clamp on each token's error-gradient norm (G1)
+    inner_grad_clamp: float | None = None  # soft clamp on each token's error-gradient norm
     detach_state_every: int = 0  # tokens; truncated BPTT inside the op (0 = never)
     checkpoint_group: int = 0  # chunks per outer checkpoint (two-level recompute); 0 or 1 = per chunk only
 
@@ -55,7 +55,7 @@ def lq_scale(acc: torch.Tensor, rule: RuleConfig) -> torch.Tensor:
         return torch.ones_like(acc[..., :1, :1])
     # ||A||_q = m * ||A / m||_q with m = max|A|: sum |A|^q in fp32 underflows to 0 once the entries
     # fall below ~1e-10 (and overflows above ~1e9), and the backward of x^(1/q) at 0 is inf, which
-    # times the floor's zero gradient made NaN (seen in training, MONETA.md G4). Scaled, the sum is
+    # times the floor's zero gradient made NaN (seen in training). Scaled, the sum is
     # >= 1, so neither happens. The norm is 1-homogeneous, so holding m constant (detached) leaves
     # both the value and the gradient exact; m is rounded to a power of two so that the scaling itself
     # is exact and in the normal range the result is the unscaled formula's up to rounding.
@@ -70,7 +70,7 @@ def abs_pow(x: torch.Tensor, exponent: float) -> torch.Tensor:
 
     ATen's generic pow costs ~8x a multiply on the CPU (1.4 ms against 0.18 ms for |A|^4 of a
     (16, 256, 64) accumulator, and its backward is another generic pow); the l_q norm takes it
-    twice per chunk, so this was ~20% of the chunk step (bench/RESULTS.md, session 8).
+    twice per chunk, so this was ~20% of the chunk step (bench/RESULTS.md, speed).
     """
     if exponent == 2:
         return x * x
@@ -126,7 +126,7 @@ class AnchorGradients:
 
 
 def anchor_gradients(k, v, w1, w2, gamma, beta, rule: RuleConfig, scale1=None, scale2=None) -> AnchorGradients:
-    """The hand-written inner backward of l_p(M(k; W), v) (MONETA.md §2.5), batched over tokens.
+    """The hand-written inner backward of l_p(M(k; W), v), batched over tokens (docs/model.md, "The memory rule").
 
     w1, w2: the weights; or the accumulators with their l_q normalisers passed as scale1, scale2,
     which is cheaper: the scalar then multiplies (b, d_h) tensors instead of a (d_h, m) matrix.
@@ -148,7 +148,7 @@ def anchor_gradients(k, v, w1, w2, gamma, beta, rule: RuleConfig, scale1=None, s
 
 
 def decay_weights(cum_q: torch.Tensor, cum_k: torch.Tensor, eta: torch.Tensor, causal: torch.Tensor, channelwise: bool):
-    """D[t, j] = exp(c_t - c_j) * eta_j where causal[t, j], else 0, from log-space cumulative decays (G6).
+    """D[t, j] = exp(c_t - c_j) * eta_j where causal[t, j], else 0, from log-space cumulative decays.
 
     Per head: cum_q (..., t), cum_k and eta (..., j) -> (..., t, j).
     Channel-wise: cum_q (..., t, d_h), cum_k and eta (..., j, d_h) -> (..., t, j, d_h).
@@ -188,7 +188,7 @@ def dual_form_read(
     beta: torch.Tensor,
     rule: RuleConfig,
 ) -> torch.Tensor:
-    """Read M(q_t; W_t) for each query without materialising per-token weights (MONETA.md §3.2).
+    """Read M(q_t; W_t) for each query without materialising per-token weights (docs/model.md, "Chunks: the dual form").
 
     W_t = s * (decay_t * A_anchor - sum_{j<=t} D[t,j] * grad_j), s frozen at the anchor.
     weights: D, (..., t, j) per head or (..., t, j, d_h) channel-wise. query_decay: exp(c_t),

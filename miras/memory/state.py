@@ -14,11 +14,14 @@ class MemoryState:
     a1: (B, H, d_h, m), a2: (B, H, m, d_h): accumulators at the anchor (the last committed boundary).
     buffer_*: the open chunk's tokens, `chunk_size` slots, the first `buffer_len[b]` of row b valid;
         empty slots hold eta = 0 and log_alpha = 0, which makes them no-ops in every formula.
-    buffer_act / buffer_gz / buffer_gh: the open chunk's anchor gradients, kept by the one-token
-        decoding step so a new token costs O(chunk) and not O(chunk * d_h * m); None when the
-        state comes from the chunkwise path (the decoding step then derives them once).
+    run_a1 / run_a2: the running accumulators A_t after the open chunk's tokens (like a1, a2), kept by
+        the one-token decoding step, which reads from them and updates them by one rank-1 step per token;
+        None when the state comes from the chunkwise path (the decoding step then derives them once).
     scale1 / scale2: the anchor's l_q normalisers 1 / ||A||_q^(q-2), (B, H, 1, 1), kept by the decoding
         step for the same reason (the norm changes only when a chunk commits); None: derive from a1, a2.
+    empty_buffer: the open chunk is known to hold no token (a fresh state, or one whose every row ended on
+        a chunk boundary). A host-side fact, not a tensor: chunkwise_memory skips the open chunk on it
+        without reading buffer_len, which would be a host sync. False when unknown.
     """
 
     a1: torch.Tensor
@@ -28,11 +31,11 @@ class MemoryState:
     buffer_eta: torch.Tensor  # (B, H, b) or (B, H, b, d_h)
     buffer_log_alpha: torch.Tensor  # like buffer_eta
     buffer_len: torch.Tensor  # (B,) int64
-    buffer_act: torch.Tensor | None = None
-    buffer_gz: torch.Tensor | None = None
-    buffer_gh: torch.Tensor | None = None
+    run_a1: torch.Tensor | None = None
+    run_a2: torch.Tensor | None = None
     scale1: torch.Tensor | None = None
     scale2: torch.Tensor | None = None
+    empty_buffer: bool = False
 
     @classmethod
     def initial(
@@ -52,11 +55,13 @@ class MemoryState:
             buffer_eta=torch.zeros(gate_shape, **kw),
             buffer_log_alpha=torch.zeros(gate_shape, **kw),
             buffer_len=torch.zeros(batch_size, dtype=torch.long, device=a1_init.device),
+            empty_buffer=True,
         )
 
     def map_tensors(self, fn) -> MemoryState:
         """A copy with fn applied to every tensor field (detach, index_select for beam search, ...)."""
-        return replace(self, **{f.name: fn(v) for f in fields(self) if (v := getattr(self, f.name)) is not None})
+        tensors = {f.name: fn(v) for f in fields(self) if isinstance(v := getattr(self, f.name), torch.Tensor)}
+        return replace(self, **tensors)
 
     def detach(self) -> MemoryState:
         return self.map_tensors(torch.Tensor.detach)

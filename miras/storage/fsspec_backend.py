@@ -157,6 +157,45 @@ class FsspecBackend:
         return f"FsspecBackend({self.url!r})"
 
 
+# The service a bucket URL reaches unless an option or variable points elsewhere (an emulator, R2, MinIO).
+_DEFAULT_HOSTS = {"gs": "https://storage.googleapis.com", "gcs": "https://storage.googleapis.com",
+                  "s3": "https://s3.amazonaws.com"}  # fmt: skip
+
+
+def unreachable_host(url: str, options: dict[str, str] | None = None, timeout: float = 5.0) -> str | None:
+    """Why the service behind a gs:// or s3:// URL cannot be reached (its host name does not resolve, or does
+    not within `timeout` seconds), else None. One look-up, where gcsfs and s3fs retry a dead connection
+    for most of a minute."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    scheme = url.split("://", 1)[0].lower() if "://" in url else "file"
+    if scheme not in _DEFAULT_HOSTS:
+        return None
+    options = options or {}
+    endpoint = options.get("endpoint_url") or options.get(f"{scheme}.endpoint_url")
+    if scheme in ("gs", "gcs"):
+        endpoint = endpoint or os.environ.get("STORAGE_EMULATOR_HOST")
+    else:
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    host = urlparse(endpoint if endpoint and "://" in endpoint else f"https://{endpoint or ''}").hostname
+    host = host or urlparse(_DEFAULT_HOSTS[scheme]).hostname
+    outcome: dict[str, str | None] = {}
+
+    def resolve() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            outcome["reason"] = None
+        except OSError as error:
+            outcome["reason"] = f"cannot reach {host} ({error.strerror or error}); offline?"
+
+    thread = threading.Thread(target=resolve, name="miras-resolve", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome.get("reason", f"cannot reach {host} (no answer from the name resolver in {timeout:.0f} s)")
+
+
 def open_backend(url: str, options: dict[str, str] | None = None) -> FsspecBackend:
     """Entry point for the schemes file, memory, gs/gcs and s3."""
     import fsspec

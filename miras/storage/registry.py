@@ -75,8 +75,23 @@ def check_destination(url: str) -> str:
     if not rest.strip("/"):
         if scheme == "file" and "://" not in text:
             raise StorageError(f"destination {text!r} is the filesystem root; {expected}")
-        raise StorageError(f"destination {text!r} names no bucket, remote or folder; {expected}")
+        raise StorageError(f"destination {text!r} names no {_WHAT.get(scheme, _WHAT['*'])[0]}; expected "
+                           f"{_WHAT.get(scheme, _WHAT['*'])[1].format(scheme=scheme)}")  # fmt: skip
     return text
+
+
+# What a URL of each scheme must name after the scheme, and its form, for check_destination's one line.
+_WHAT = {
+    "s3": ("bucket", "s3://BUCKET/path (AWS, or R2, B2, MinIO with --storage-option endpoint_url=...)"),
+    "gs": ("bucket", "gs://BUCKET/path"),
+    "gcs": ("bucket", "gcs://BUCKET/path"),
+    "rclone": ("remote", "rclone://REMOTE/path, REMOTE as `rclone listremotes` shows it (without the colon) or "
+                         "defined by RCLONE_CONFIG_<REMOTE>_TYPE"),  # fmt: skip
+    "gdrive": ("folder", "gdrive://FOLDER_ID/path, FOLDER_ID from the folder's link"),
+    "file": ("folder", "file:///absolute/folder"),
+    "memory": ("name", "memory://name"),
+    "*": ("bucket, remote or folder", "{scheme}://BUCKET-OR-FOLDER/path, or a local folder"),
+}
 
 
 def _load(scheme: str, target: object) -> Callable[..., StorageBackend]:

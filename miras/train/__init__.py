@@ -11,8 +11,22 @@ hooks.py   observers a caller (the tests) attaches to the loop
 
 from __future__ import annotations
 
+import sys
+
 
 def main(argv: list[str] | None = None, hooks=None) -> int:
-    from .loop import main as run
+    from .args import parse_args
 
-    return run(argv, hooks)
+    args = parse_args(argv)
+    # A hub dataset without the hub, or a path that is no corpus, is said before the loop's imports
+    # (accelerate, datasets, the model: seconds) and before anything is written.
+    from ..data_sources import DataError, HubUnreachable, check_source
+
+    try:
+        check_source(args.dataset, args.random_tokens or args.dry_run)
+    except DataError as error:
+        print(f"miras train: error: {error}", file=sys.stderr, flush=True)
+        return 1 if isinstance(error, HubUnreachable) else 2
+    from .loop import run
+
+    return run(args, hooks)

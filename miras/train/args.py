@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from ..argtypes import byte_size, non_negative_float, non_negative_int, positive_float, positive_int
-from ..configuration import MODEL_SIZES
-from ..data import BUILTIN, DEFAULT_HUB_DATASET, PYTHON_SOURCE
-from ..memory.dispatch import IMPLEMENTATIONS
+from ..checkpoint.layout import CHECKPOINTS_DIR, LATEST_NAME
+from ..data_sources import BUILTIN, DEFAULT_HUB_DATASET, PYTHON_SOURCE
 from ..storage import StorageError, check_destination
+
+# The names of miras.configuration.MODEL_SIZES and miras.memory.dispatch.IMPLEMENTATIONS, written out so that
+# parsing the command line (and --help) imports neither torch nor transformers; a test checks they match.
+MODEL_SIZE_NAMES = ("xs", "s", "m", "l", "xl")
+MEMORY_IMPLS = ("auto", "torch", "compiled", "triton")
 
 # The paper's token budgets (MIRAS Table 5 and text); also the cosine schedule's horizon.
 PAPER_TOKEN_BUDGET = {"xs": 100_000_000, "s": 15_000_000_000, "m": 15_000_000_000, "l": 30_000_000_000}
@@ -38,14 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         "`accelerate launch [--config_file accelerate_configs/X.yaml] -m miras.train`.",
     )
     add = parser.add_argument_group("model").add_argument
-    add("--model-size", default="xs", choices=list(MODEL_SIZES), help="size preset (default: xs)")
-    add("--compile", action="store_true", help="torch.compile the memory's chunk step (the hot loop)")
+    add("--model-size", default="xs", choices=list(MODEL_SIZE_NAMES), help="size preset (default: xs)")
+    add("--compile", action="store_true", help="torch.compile each block, one graph each (the memory op included)")
     add(
         "--memory-impl",
         default=None,
-        choices=list(IMPLEMENTATIONS),
-        help="what runs the memory: torch, triton (fused kernels, CUDA, pip install 'miras[triton]') or auto "
-        "(for now torch); the function is the same (default: the config's, auto for a new run)",
+        choices=list(MEMORY_IMPLS),
+        help="what runs the memory: torch, compiled (its steps through torch.compile), triton (fused kernels, CUDA, "
+        "pip install 'miras[triton]') or auto (for now torch); the function is the same (default: the config's, "
+        "auto for a new run)",
     )
     add("--no-grad-checkpoint", action="store_true", help="disable block activation checkpointing (on by default)")
     add(
@@ -225,6 +232,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def output_dir_problem(output_dir: str) -> str | None:
+    """Why runs cannot be written under `output_dir` (a file in the way, no permission), found by creating and
+    removing an empty folder in its nearest existing ancestor; None when they can."""
+    path = Path(output_dir).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    accepted = "accepted: a folder miras can create or write in"
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"is under {str(existing)!r}, which is a file"
+        return f"{output_dir!r} {what}, not a folder ({accepted})"
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".miras-probe-").cleanup()
+    except OSError as error:
+        return f"{output_dir!r}: cannot create a folder in {str(existing)!r} ({error.strerror or error}; {accepted})"
+    return None
+
+
+def earlier_checkpoint_name(value: str, run_dir: Path | None, flag: str) -> str:
+    """A checkpoint argument in the earlier train.py's terms, in miras' terms. Its checkpoints were files
+    (`step_XXXXXXXX.pt`, `latest.pt`); miras' are folders named alike, with a `latest` pointer. A `.pt` name
+    that does not exist means the folder of the same name, `latest.pt` the checkpoint `latest` names (in that
+    folder, else in the run's own checkpoints). An existing `.pt` file is the earlier trainer's: refused,
+    since its model is not MONETA's (ValueError, one line)."""
+    path = Path(value).expanduser()
+    if path.is_file() and path.suffix == ".pt":
+        raise ValueError(
+            f"argument {flag}: {value!r} is a checkpoint file of the earlier train.py; its model (one d x d linear "
+            "memory per layer, RoPE) is not MONETA's, so miras can neither resume nor load it (accepted: a miras "
+            "checkpoint folder, run folder or URL; start a new run without it)"
+        )
+    if path.suffix != ".pt" or path.exists() or "://" in value:
+        return value
+    stem = path.with_suffix("")
+    if stem.name == LATEST_NAME:
+        folders = [stem.parent] + ([run_dir / CHECKPOINTS_DIR] if run_dir and str(stem.parent) == "." else [])
+        for folder in folders:
+            if (folder / LATEST_NAME).is_file():
+                print(f"miras train: note: {flag} {value}: the checkpoint {folder / LATEST_NAME} names "
+                      "(miras keeps checkpoints as folders)", flush=True)  # fmt: skip
+                return str(folder)
+    elif stem.is_dir():
+        return str(stem)
+    raise ValueError(
+        f"argument {flag}: {value!r} does not exist, and no checkpoint folder goes by its name (miras keeps "
+        f"checkpoints as folders, step_XXXXXXXX/ with checkpoints/{LATEST_NAME} naming the newest; accepted: "
+        "auto, a checkpoint folder, a run folder or a URL)"
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -236,6 +293,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("argument --resume: 'auto' needs an explicit --run-name (a restart must find the same run)")
     if args.resume and args.init_from:
         parser.error("arguments --resume and --init-from: pick one (resume continues a run, init-from starts one)")
+    for flag in ("resume", "init_from"):
+        value = getattr(args, flag)
+        if value and value != "auto":
+            run_dir = Path(args.output_dir) / args.run_name if args.run_name_given else None
+            try:
+                setattr(args, flag, earlier_checkpoint_name(value, run_dir, f"--{flag.replace('_', '-')}"))
+            except ValueError as error:
+                parser.error(str(error))
+    if not args.dry_run:
+        problem = output_dir_problem(args.output_dir)
+        if problem:
+            parser.error(f"argument --output-dir: {problem}")
     if args.gdrive_sync:
         args.sync_to.append(f"rclone://{args.gdrive_remote}/{args.gdrive_dir.strip('/')}")
     try:

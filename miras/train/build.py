@@ -16,13 +16,20 @@ from ..checkpoint.checkpointer import CheckpointSettings, Start
 from ..checkpoint.retention import KEEP_ALL, RetentionPolicy
 from ..checkpoint.trainer_state import software_versions
 from ..configuration import MonetaConfig
-from ..data import SYNTHETIC_RECALL, DataConfig, DataError, default_tokenizer_name, open_documents, open_stream
-from ..memory.chunkwise import compile_chunk_step
+from ..data import (
+    SYNTHETIC_RECALL,
+    DataConfig,
+    DataError,
+    HubUnreachable,
+    default_tokenizer_name,
+    open_documents,
+    open_stream,
+)
 from ..modeling import MonetaForCausalLM
 from ..parallel import shard_model, take_fsdp_request
 from ..storage import StorageError, parse_options
 from ..tokenizer import TokenizerError, load_tokenizer, prepare_for_checkpoints
-from .checks import TrainingStopped, check_shape
+from .checks import EXIT_FAILED, TrainingStopped, check_fits, check_shape
 
 NO_DECAY_NAMES = (
     ".mixer.eta_alpha_proj.",
@@ -54,6 +61,9 @@ def start_accelerator(args):
 
     use_fsdp = take_fsdp_request(args.fsdp)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=resolve_precision(args))
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        raise TrainingStopped(f"--precision fp16 needs a CUDA GPU (its grad scaler); on {accelerator.device.type} "
+                              "it would silently compute in fp32 (accepted here: auto, bf16, fp32)")  # fmt: skip
     world_size = accelerator.num_processes
     expected = os.environ.get("MIRAS_EXPECT_WORLD_SIZE")
     if expected is not None and int(expected) != world_size:
@@ -88,8 +98,9 @@ class Data:
         return open_stream(self.eval_config, self.tokenizer, evaluation=True)
 
 
-def open_data(args, rank: int, world_size: int) -> Data:
-    """The tokenizer and this rank's streams; a bad dataset is named before the tokenizer is tried."""
+def open_data(args, rank: int, world_size: int, device=None, shards: int = 1) -> Data:
+    """The tokenizer and this rank's streams; a bad dataset is named before the tokenizer is tried, and a
+    batch the device cannot hold before the first one is read."""
     config = DataConfig(
         dataset=args.dataset,
         dataset_config=args.dataset_config,
@@ -108,11 +119,14 @@ def open_data(args, rank: int, world_size: int) -> Data:
             open_documents(config)
         tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_name(args.dataset))
         prepare_for_checkpoints(tokenizer, args.seq_len)
+        check_fits(args, build_model_config(args, tokenizer), device or torch.device("cpu"), shards)
         stream = open_stream(config, tokenizer)
         eval_config = DataConfig(**{**asdict(config), "batch_size": max(1, args.batch_size)})
         if args.eval_dataset is not None:
             eval_config = held_out_dataset(args, eval_config)
         return Data(tokenizer, stream, eval_config, stream.next_batch())
+    except HubUnreachable as error:  # the network, not the arguments: a later start may succeed
+        raise TrainingStopped(str(error), EXIT_FAILED) from None
     except (DataError, TokenizerError, ValueError) as error:
         raise TrainingStopped(str(error)) from None
 
@@ -180,12 +194,15 @@ def build_model(args, config: MonetaConfig, start: Start) -> MonetaForCausalLM:
         enable()
     model.train()
     if args.compile:
-        compile_chunk_step()  # the memory's chunk step is the hot loop; compiling it alone keeps compile time short
+        # One graph per block (torch.compile, fullgraph: the memory is one op in it), compiled in place so that
+        # state dicts and checkpoints are unchanged; what runs inside the memory op is --memory-impl's choice.
+        for block in model.model.layers:
+            block.compile(fullgraph=True)
     return model
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float):
-    """AdamW groups: no decay on norms, biases, gates and the initial memory (MONETA.md §5.4)."""
+    """AdamW groups: no decay on norms, biases, gates and the initial memory."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:

@@ -8,6 +8,7 @@ the disk is named at start. Failures end the run with a one-line TrainingStopped
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -44,6 +45,61 @@ class TrainingStopped(Exception):
     def __init__(self, message: str, code: int = EXIT_USAGE):
         super().__init__(message)
         self.code = code
+
+
+def device_memory_bytes(device) -> int:
+    """What the device can hold at most: a CUDA device's memory, else the machine's physical memory."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):  # a container's
+        try:
+            physical = min(physical, int(Path(limit).read_text().split()[0]))
+        except (OSError, ValueError, IndexError):  # absent, or "max"
+            pass
+    return physical
+
+
+def check_fits(args, config: MonetaConfig, device, shards: int = 1) -> None:
+    """Refuse sizes the device cannot hold before anything is allocated, from two lower bounds of one step:
+    the logits of a micro-batch (batch x seq-len x vocab, in the compute precision) and the fp32 weights
+    (sharded over `shards` processes under FSDP2). Both are far below a real step's needs, so a refusal is
+    certain and a pass is no promise (`miras estimate` gives the full count)."""
+    from ..parameters import count_parameters
+
+    memory = device_memory_bytes(device)
+    cuda = getattr(device, "type", "") == "cuda"
+    element = 2 if args.precision in ("bf16", "fp16") or (args.precision == "auto" and cuda) else 4
+    per_token = config.vocab_size * element
+    logits = args.batch_size * args.seq_len * per_token
+    weights = 4 * count_parameters(config)["total"] // max(1, shards)
+    if logits + weights <= memory:
+        return
+    where = f"{_bytes(memory)} of {'GPU' if cuda else 'machine'} memory"
+    dry = args.dry_run
+    if weights > memory:
+        size = f"--model-size {args.model_size}"
+        if dry and not args.dry_run_full_model:
+            size = f"--dry-run-dim {args.dry_run_dim} --dry-run-n-layers {args.dry_run_n_layers}"
+        raise TrainingStopped(f"{size}: the fp32 weights alone take {_bytes(weights)}, more than the {where} "
+                              "(accepted here: a smaller model, or FSDP2 over more processes)")  # fmt: skip
+    most = (memory - weights) // per_token
+    seq, batch = ("--dry-run-seq-len", "--dry-run-microbatch-size") if dry else ("--seq-len", "--batch-size")
+    raise TrainingStopped(
+        f"{seq} {args.seq_len} x {batch} {args.batch_size}: one micro-batch's logits alone take {_bytes(logits)} "
+        f"(vocab {config.vocab_size}), more than the {where} (accepted here: {seq} x {batch} below {most:,} "
+        "tokens; --grad-accum adds micro-batches without memory)"
+    )
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
 
 
 def check_shape(saved: MonetaConfig, wanted: MonetaConfig, flag: str) -> None:

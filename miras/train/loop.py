@@ -60,7 +60,11 @@ def say(message: str) -> None:
 
 
 def main(argv: list[str] | None = None, hooks: Hooks | None = None) -> int:
-    args = parse_args(argv)
+    return run(parse_args(argv), hooks)
+
+
+def run(args, hooks: Hooks | None = None) -> int:
+    """train() with its failures as one line on stderr and an exit code."""
     try:
         return train(args, hooks)
     except TrainingStopped as stop:
@@ -83,7 +87,7 @@ def train(args, hooks: Hooks | None = None) -> int:
     hooks = hooks or Hooks()
     accelerator, use_fsdp = start_accelerator(args)
     world_size, rank, main_process = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    data = open_data(args, rank, world_size)
+    data = open_data(args, rank, world_size, accelerator.device, world_size if use_fsdp else 1)
     run_dir = Path(args.output_dir) / args.run_name
     topology = detect_topology(accelerator)
     setup_nodes(args, run_dir, topology, writes=not args.dry_run)

@@ -67,18 +67,6 @@ def test_pull_run_and_single_checkpoint(tmp_path, capsys):
     assert one.returncode == 0 and verify_folder(tmp_path / "one") == []
 
 
-def test_errors_are_one_line_with_exit_1(tmp_path, capsys):
-    for args, expected in [
-        (("ls", "ftp://host/x"), "unknown storage scheme 'ftp'"),
-        (("pull", str(tmp_path / "empty"), str(tmp_path / "dest")), "no valid checkpoint"),
-        (("ls", "memory://x", "--storage-option", "novalue"), "KEY=VALUE"),
-        (("ls", "gdrive:research"), "rclone://gdrive/research"),
-    ]:
-        result = miras("storage", *args, capsys=capsys)
-        assert result.returncode == 1, (args, result.stderr)
-        assert result.stderr.count("\n") == 1 and expected in result.stderr and "Traceback" not in result.stderr
-
-
 def readme_storage_commands() -> list[str]:
     text = README.read_text()
     section = text[text.index("\n## Storage\n") : text.index("\n## ", text.index("\n## Storage\n") + 5)]

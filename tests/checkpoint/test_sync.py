@@ -152,15 +152,14 @@ def test_close_is_bounded_when_uploads_take_longer(run_dir, tmp_path):
 
 def test_newer_checkpoint_supersedes_queued_non_milestones_but_never_milestones(run_dir, tmp_path):
     url = f"testfs://{tmp_path}/remote"
-    journal = tmp_path / "journal"
-    syncer = Syncer([url], "r1", run_dir, options={"delay": "0.05", "journal": str(journal)}, **FAST)
+    journal, gate = tmp_path / "journal", tmp_path / "gate"
+    syncer = Syncer([url], "r1", run_dir, options={"gate": str(gate), "journal": str(journal)}, **FAST)
     folders = {step: make_checkpoint(run_dir, step, milestone=step == 3) for step in (1, 2, 3, 4, 5)}
     syncer.submit_checkpoint(folders[1], 1, False)
-    deadline = time.monotonic() + 10
-    while not (journal.exists() and journal.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.005)  # step 1 is now uploading (>= 5 puts of 0.05 s): it can't be superseded any more
-    for step in (2, 3, 4, 5):
+    wait_for(lambda: journal.exists() and journal.read_text())  # step 1 is uploading: too late to supersede it
+    for step in (2, 3, 4, 5):  # queued behind step 1's first put, which waits for the gate
         syncer.submit_checkpoint(folders[step], step, step == 3)
+    gate.touch()
     assert syncer.close(timeout=30)
     assert remote_steps(f"{url}/r1") == [1, 3, 5]
     assert read_latest(open_backend(f"{url}/r1")) == "step_00000005"

@@ -38,13 +38,14 @@ def running_accumulators(state: MemoryState, gamma, beta, rule):
     return committed_accumulators(state.a1, state.a2, state.buffer_k, grads, weights[:, :, 0], last[:, :, 0].exp())
 
 
-def run_both(x, rule, channelwise, mask=None):
+def run_both(x, rule, channelwise, mask=None, impl="torch"):
     leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
     weights = torch.Generator().manual_seed(7)
     state = initial_state(leaves, rule.chunk_size, channelwise)
     y, final = chunkwise_memory(
-        *(leaves[n] for n in ("q", "k", "v", "eta", "log_alpha")), state, leaves["gamma"], leaves["beta"], rule, mask
-    )
+        *(leaves[n] for n in ("q", "k", "v", "eta", "log_alpha")), state, leaves["gamma"], leaves["beta"], rule, mask,
+        impl=impl,
+    )  # fmt: skip
     probe_y = 0.1 * torch.randn(y.shape, generator=weights, dtype=y.dtype)
     probe_a1 = 0.1 * torch.randn(final.a1.shape, generator=weights, dtype=y.dtype)
     running = running_accumulators(final, leaves["gamma"], leaves["beta"], rule)
@@ -78,7 +79,11 @@ def test_chunkwise_equals_token_loop(chunk_size, length, channelwise):
     torch.testing.assert_close(running[1], run_ref[1], **TOL)
     assert final.buffer_len.tolist() == [length % chunk_size] * 2
     for name, got, want in zip(NAMES, grads, grads_ref):
-        torch.testing.assert_close(got, want, **TOL, msg=lambda m, name=name: f"gradient of {name}: {m}")
+        # Relative to the gradient's size once it exceeds 1 (eta's reaches ~7e3 at chunk 1: 1e-10 is then ~100 ulp).
+        scale = want.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(
+            got / scale, want / scale, **TOL, msg=lambda m, name=name: f"gradient of {name}: {m}"
+        )
 
 
 def test_masked_tokens_are_skipped_and_do_not_count_toward_chunks():
@@ -207,7 +212,7 @@ def test_two_level_checkpointing_gives_the_same_outputs_and_gradients_and_keeps_
         state_bytes = []
 
         def pack(t, saved=state_bytes, shape=x["a1"].shape[-2:]):
-            if t.dim() == 4 and t.shape[-2:] == shape:  # a (B, H, d_h, m) accumulator
+            if t.dim() >= 4 and t.shape[-2:] == shape:  # (B, H, d_h, m) accumulators, one or stacked
                 saved.append(t.numel())
             return t
 
@@ -215,7 +220,7 @@ def test_two_level_checkpointing_gives_the_same_outputs_and_gradients_and_keeps_
             y, state = chunkwise_memory(
                 *(leaves[n] for n in args), initial_state(leaves, 8), leaves["gamma"], leaves["beta"], rule, mask
             )
-        kept = len(state_bytes)
+        kept = sum(state_bytes)
         grads = torch.autograd.grad(y.pow(2).sum() + state.a1.sum(), list(leaves.values()))
         results[group] = (y.detach(), state.a1.detach(), grads, kept)
     for got, want in zip(results[4][:2] + results[4][2], results[0][:2] + results[0][2]):
@@ -235,28 +240,15 @@ def test_inner_loop_runs_in_fp32_under_bf16_autocast():
     assert torch.isfinite(y).all()
 
 
-def test_compiled_chunk_step_matches_eager(channelwise=False):
-    """Compiled: the hand-written backward's forward and backward functions (per-head gates), with gradients."""
-    from miras.memory import chunkwise
-
+def test_compiled_memory_equals_token_loop():
+    """impl="compiled": the torch path's steps through torch.compile, float64, against the token-by-token loop."""
     rule = RuleConfig(chunk_size=8)
-    x = memory_inputs(length=19, dtype=torch.float32, channelwise=channelwise)
-
-    def run():
-        leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
-        per_token = [leaves[n] for n in ("q", "k", "v", "eta", "log_alpha")]
-        state = initial_state(leaves, 8, channelwise)
-        y, state = chunkwise_memory(*per_token, state, leaves["gamma"], leaves["beta"], rule)
-        loss = (y * y).sum() + state.a1.sum() + state.a2.sum()
-        return y.detach(), torch.autograd.grad(loss, list(leaves.values()))
-
-    eager, eager_grads = run()
-    chunkwise.compile_chunk_step()
-    try:
-        compiled, compiled_grads = run()
-    finally:
-        chunkwise.compile_chunk_step(False)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
-    for name, c, e in zip(NAMES, compiled_grads, eager_grads):  # fp32 rounding, relative to each gradient's size
-        scale = e.abs().max()
-        torch.testing.assert_close(c / scale, e / scale, rtol=0, atol=1e-4, msg=name)
+    x = memory_inputs(length=19)  # two full chunks and an open one
+    (y, final, running, grads), (y_ref, anchor_ref, run_ref, grads_ref) = run_both(x, rule, False, impl="compiled")
+    assert "chunk_memory" in type(final.a1.grad_fn).__name__
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(final.a1, anchor_ref[0], **TOL)
+    torch.testing.assert_close(running[1], run_ref[1], **TOL)
+    for name, got, want in zip(NAMES, grads, grads_ref):
+        scale = want.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(got / scale, want / scale, **TOL, msg=name)

@@ -225,7 +225,8 @@ def test_cpu_without_the_interpreter_falls_back_to_torch_with_a_warning(monkeypa
 
 
 def test_unknown_implementation_is_an_error_naming_the_choices():
-    with pytest.raises(ValueError, match=r"implementation 'cuda' is invalid: expected one of auto, torch, triton"):
+    expected = r"implementation 'cuda' is invalid: expected one of auto, torch, compiled, triton"
+    with pytest.raises(ValueError, match=expected):
         tiny_call("cuda")
 
 

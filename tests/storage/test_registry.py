@@ -135,7 +135,7 @@ def test_unconfigured_rclone_remote_is_a_clear_error(rclone_env, tmp_path):
 @pytest.mark.parametrize(
     "url, message",
     [("", "empty destination"), ("   ", "empty destination"), ("s3://", "names no bucket"),
-     ("gdrive://", "names no bucket"), ("file:///", "names no bucket"), ("/", "filesystem root")],
+     ("gdrive://", "names no folder"), ("file:///", "names no folder"), ("/", "filesystem root")],
 )  # fmt: skip
 def test_empty_and_rootless_destinations_are_refused(url, message):
     from miras.storage import check_destination

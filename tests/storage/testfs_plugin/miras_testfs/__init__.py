@@ -1,7 +1,9 @@
 """`testfs:///abs/folder`: a local-folder storage backend with faults, for the storage tests.
 
 Options: fail_puts=N (the first N puts of this instance raise ConnectionError), down=true (every call raises),
-delay=SECONDS (each put sleeps first), journal=PATH (appends "start put KEY" / "put KEY" / "delete KEY" lines).
+delay=SECONDS (each put sleeps first), gate=PATH (each put waits until PATH exists: a test holds uploads back
+for as long as it needs, whatever the machine's speed), journal=PATH (appends "start put KEY" / "put KEY" /
+"delete KEY" lines).
 It imports nothing from miras: a plugin only has to honour the protocol (put, get, list, delete) and raise
 FileNotFoundError for a missing key.
 """
@@ -22,6 +24,7 @@ class TestFS:
         self.fail_puts = int(options.get("fail_puts", 0))
         self.down = options.get("down", "false").lower() == "true"
         self.delay = float(options.get("delay", 0))
+        self.gate = Path(options["gate"]) if options.get("gate") else None
         self.journal = Path(options["journal"]) if options.get("journal") else None
         self.lock = threading.Lock()
 
@@ -39,6 +42,8 @@ class TestFS:
         self._note(f"start put {key}")
         if self.delay:
             time.sleep(self.delay)
+        while self.gate and not self.gate.exists():
+            time.sleep(0.005)
         with self.lock:
             if self.fail_puts > 0:
                 self.fail_puts -= 1

@@ -1,0 +1,594 @@
+"""The torch path of the memory: a segment's whole chunk sequence, forward and hand-written backward.
+
+Only the accumulators recur. Chunk n's l_q normalisers, anchor gradients and commit need chunk n-1's
+state, but its reads feed nothing later, and in the backward only the state gradient recurs. So each
+direction is split into a sequential part of small per-chunk ops and batched parts in which the chunk
+index joins the batch dimensions of every op (large matmuls instead of one small one per chunk):
+
+    forward   per chunk   l_q normalisers of the anchor, anchor gradients, commit
+              batched     decays of the gates; the dual-form reads of every chunk from its anchor
+    backward  per group of chunks, from the last:
+              batched     anchor gradients and reads again (from the anchors), the reads' backward
+              per chunk   the state gradient through the commit, the anchor gradients and the normalisers
+              batched     the gates' backward, the gradients' reductions
+
+Forward, per head, with s = l_q normalisers frozen at the anchor (A1, A2), D[t, j] the decay weights
+and Q_t = exp(c_t) the query decays (rule.py has the same formulas with autograd):
+
+    anchor:  h = s2 k A2^T   act = gelu(h)   z = s1 act A1^T   u = LN(z)   e = k + u - v
+             g = gamma f(e)  gz = LN'(g)     gh = gelu'(h) * (s1 gz A1)       (f = d l_p / d e)
+    read:    hq = s2 (Q q A2^T - (D * q k^T) gh)   aq = gelu(hq)
+             zq = s1 (Q aq A1^T - (D * aq act^T) gz)   y = q + LN(zq)
+    commit:  A2' = Q_b A2 - gh^T (k * D[b])   A1' = Q_b A1 - (gz * D[b])^T act
+
+What the backward gets from the forward is one decision, `save_all`:
+- False: each chunk's anchor state, B*H*N*2*d_h*m floats (what the Triton path keeps too); the
+  backward recomputes the rest, batched over a group of chunks. With rule.checkpoint_group = G > 1
+  only every G-th state is kept and the backward first re-runs a group's per-chunk part.
+- True: also what the backward would recompute (h, z, gz A1 s1, hq, aq A1^T, zq, aq act^T: 3m + 3d_h + b
+  floats per token and head), so it recomputes nothing. For callers that run the forward again before
+  the backward anyway (block activation checkpointing): the forward then runs twice per step, not three
+  times. checkpoint_group does not apply.
+
+`compiled` runs every piece through torch.compile: the per-chunk steps as one small graph each
+(shapes of one chunk), the batched parts one graph per group shape; the Python loop over chunks
+stays outside (a graph of the whole loop would grow with the sequence, and so would its compile).
+
+The op is registered as `torch.ops.miras.chunk_memory` with its backward, so `torch.compile` of a
+model sees one node and never traces (or breaks its graph) inside it.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .rule import RuleConfig, abs_pow, add_matmul, decay_matrix, lp_error_gradient
+
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+# Token rows (batch * tokens) per group of the batched parts: large enough that every batched matmul is
+# big (B * H * chunks of them), small enough that a group's (rows, m) temporaries stay a few MiB per head.
+GROUP_ROWS = 2048
+
+
+def _bt(x: Tensor) -> Tensor:
+    return x.transpose(-1, -2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces, on tensors with any leading batch dimensions (one chunk: (B, H, ...); a group: (G, B, H, ...))
+
+
+def _lq_forward(acc: Tensor, rule: RuleConfig):
+    """s = 1 / max(||A||_q, floor)^(q-2) per matrix, with the power-of-two peak and scaled norm its backward needs.
+
+    The arithmetic of rule.lq_scale: |A / peak|^q neither underflows nor overflows in fp32.
+    """
+    if rule.q == 2:
+        one = torch.ones_like(acc[..., :1, :1])
+        return one, one, one
+    peak = acc.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
+    peak = torch.exp2(torch.floor(torch.log2(peak)))
+    scaled_norm = abs_pow(acc / peak, rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
+    scale = (peak * scaled_norm).clamp_min(rule.lq_floor).pow(-(rule.q - 2.0))
+    return scale, peak, scaled_norm
+
+
+def _lq_backward(acc: Tensor, d_scale: Tensor, scale: Tensor, peak: Tensor, scaled_norm: Tensor, rule: RuleConfig):
+    """dA from ds (q > 2): ds/dN = -(q-2) s / N above the floor, 0 below; dN/dA = sign(A)|A|^(q-1) / N^(q-1)."""
+    norm = peak * scaled_norm
+    d_norm = d_scale * (-(rule.q - 2.0)) * scale / norm.clamp_min(rule.lq_floor) * (norm >= rule.lq_floor)
+    scaled = acc / peak
+    direction = scaled * scaled.abs() if rule.q == 3 else scaled * abs_pow(scaled, rule.q - 2.0)
+    return (d_norm / scaled_norm.pow(rule.q - 1.0)) * direction
+
+
+def _layer_norm_stats(z: Tensor, eps: float):
+    centred = z - z.mean(dim=-1, keepdim=True)
+    std = ((centred * centred).mean(dim=-1, keepdim=True) + eps).sqrt()
+    return centred / std, std
+
+
+def _layer_norm_input_grad(d_hat: Tensor, z_hat: Tensor, std: Tensor) -> Tensor:
+    """Gradient through z_hat = (z - mean) / std(z) given d z_hat (self-adjoint: also the map g -> gz)."""
+    return (d_hat - d_hat.mean(dim=-1, keepdim=True) - z_hat * (d_hat * z_hat).mean(dim=-1, keepdim=True)) / std
+
+
+def _lp_error_derivative(err: Tensor, rule: RuleConfig) -> Tensor:
+    """d f(e) / de for f = lp_error_gradient, elementwise."""
+    p = rule.p
+    if rule.uses_surrogate:
+        a, eps = rule.sign_sharpness, rule.abs_eps
+        base = err * err + eps
+        tanh = torch.tanh(a * err)
+        d_sign = a * (1.0 - tanh * tanh) * base.pow(0.5 * (p - 1.0))
+        return p * (d_sign + tanh * (p - 1.0) * err * base.pow(0.5 * (p - 3.0)))
+    if p == 2:
+        return torch.full_like(err, 2.0)
+    if p == 3:
+        return 6.0 * err.abs()
+    return p * (p - 1.0) * err.abs().pow(p - 2.0)
+
+
+def _inner_error(z_raw, s1, k, v, gamma, beta, rule: RuleConfig):
+    """LayerNorm of the anchor's output, the l_p error and its gradient back through the LayerNorm (gz)."""
+    z_hat, std = _layer_norm_stats(z_raw * s1, rule.ln_eps)
+    err = k + gamma * z_hat + beta - v
+    f_err = lp_error_gradient(err, rule)
+    g = gamma * f_err
+    return z_hat, std, err, f_err, g, _layer_norm_input_grad(g, z_hat, std)
+
+
+def _gates(log_alpha: Tensor, eta: Tensor, causal: Tensor):
+    """decay E[t, j] = exp(c_t - c_j) (causal), weights D = E * eta_j, query decays Q_t = exp(c_t)."""
+    cumulative = log_alpha.cumsum(dim=-1)
+    decay = decay_matrix(cumulative, cumulative, causal, channelwise=False)
+    return decay, decay * eta.unsqueeze(-2), cumulative.exp()
+
+
+def _forward_step(a1, a2, k, v, last_w, total, full, gamma, beta, rule: RuleConfig):
+    """One chunk's sequential part: its normalisers, anchor gradients and the committed state.
+
+    Returns the next state and what the reads (and a kept backward) need: s1, s2, h, z (unscaled), gz A1 s1,
+    act, gz, gh.
+    """
+    s1 = _lq_forward(a1, rule)[0]
+    s2 = _lq_forward(a2, rule)[0]
+    h = (k * s2) @ _bt(a2)
+    act = F.gelu(h)
+    z_raw = act @ _bt(a1)
+    gz = _inner_error(z_raw, s1, k, v, gamma, beta, rule)[-1]
+    gz_w = (gz * s1) @ a1
+    gh = torch.ops.aten.gelu_backward(gz_w, h)
+    minus_w = -last_w.unsqueeze(-1)
+    decay = total[..., None, None]
+    new_a2 = add_matmul(decay * a2, _bt(gh), k * minus_w)
+    new_a1 = add_matmul(decay * a1, _bt(gz * minus_w), act)
+    if full is not None:  # rows whose chunk is not full keep their anchor (the chunk stays open)
+        keep = full[:, None, None, None]
+        new_a1, new_a2 = torch.where(keep, new_a1, a1), torch.where(keep, new_a2, a2)
+    return new_a1, new_a2, s1, s2, h, z_raw, gz_w, act, gz, gh
+
+
+def _anchor_recompute(a1, a2, s1, s2, k, v, gamma, beta, rule: RuleConfig):
+    """The anchor gradients' matmuls for many chunks at once from their anchors: h, z, gz A1 s1."""
+    h = (k * s2) @ _bt(a2)
+    z_raw = F.gelu(h) @ _bt(a1)
+    gz = _inner_error(z_raw, s1, k, v, gamma, beta, rule)[-1]
+    return h, z_raw, (gz * s1) @ a1
+
+
+def _read(q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, gamma, beta, rule: RuleConfig):
+    """The dual-form reads of many chunks at once: y and the products the backward needs (hq, aq A1^T, zq, aq act^T)."""
+    qd = query_decay.unsqueeze(-1)
+    hq = add_matmul((q * (qd * s2)) @ _bt(a2), weights * -s2 * (q @ _bt(k)), gh)
+    aq = F.gelu(hq)
+    s_aa = aq @ _bt(act)
+    a_q = aq @ _bt(a1)
+    zq = add_matmul(a_q * (qd * s1), weights * -s1 * s_aa, gz)
+    zq_hat, _ = _layer_norm_stats(zq, rule.ln_eps)
+    return q + gamma * zq_hat + beta, hq, a_q, zq, s_aa
+
+
+def _read_backward(dy, q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, hq, a_q, zq, s_aa, gamma, rule):
+    """The reads' backward for many chunks at once, from dy alone (nothing here waits for the state gradient).
+
+    Returns dq, dk (from q k^T), dA1, dA2 (through the anchors), d gh, d gz, d act (to the anchor
+    gradients), ds1, ds2, dD, dQ and the LayerNorm affine's gradients (summed over chunks and rows).
+    """
+    qd = query_decay.unsqueeze(-1)
+    scores = q @ _bt(k)
+    qs = q * (qd * s2)
+    p_neg = weights * -s2 * scores
+    aq = F.gelu(hq)
+    zq_hat, std_q = _layer_norm_stats(zq, rule.ln_eps)
+    sum_rows = tuple(range(dy.dim() - 3)) + (dy.dim() - 2,)  # every dim but (H, d_h)
+    d_gamma = (dy * zq_hat).sum(dim=sum_rows)
+    d_beta = dy.sum(dim=sum_rows)
+    d_zq = _layer_norm_input_grad(gamma * dy, zq_hat, std_q)
+    # zq = a_q * (Q s1) + (D * -s1 * S_aa) gz
+    d_aq_out = d_zq * (qd * s1)
+    row = (d_zq * a_q).sum(-1)
+    d_qd = row * s1[..., 0]
+    d_s1 = (row * query_decay).sum(-1)[..., None, None]
+    d_r = d_zq @ _bt(gz)
+    d_gz = _bt(weights * -s1 * s_aa) @ d_zq
+    d_weighted = d_r * weights
+    d_weights = d_r * -s1 * s_aa
+    d_s1 = d_s1 - (d_weighted * s_aa).sum(dim=(-2, -1), keepdim=True)
+    d_saa = d_weighted * -s1
+    # a_q = aq A1^T, S_aa = aq act^T
+    d_aq = add_matmul(d_aq_out @ a1, d_saa, act)
+    da1 = _bt(d_aq_out) @ aq
+    d_act = _bt(d_saa) @ aq
+    # hq = (q Q s2) A2^T + (D * -s2 * S) gh
+    d_hq = torch.ops.aten.gelu_backward(d_aq, hq)
+    d_p = d_hq @ _bt(gh)
+    d_gh = _bt(p_neg) @ d_hq
+    d_weighted = d_p * weights
+    d_weights = d_weights + d_p * -s2 * scores
+    d_s2 = -(d_weighted * scores).sum(dim=(-2, -1), keepdim=True)
+    d_scores = d_weighted * -s2
+    d_qs = d_hq @ a2
+    da2 = _bt(d_hq) @ qs
+    row = (d_qs * q).sum(-1)
+    d_qd = d_qd + row * s2[..., 0]
+    d_s2 = d_s2 + (row * query_decay).sum(-1)[..., None, None]
+    dq = add_matmul(dy + d_qs * (qd * s2), d_scores, k)
+    dk = _bt(d_scores) @ q
+    return dq, dk, da1, da2, d_gh, d_gz, d_act, d_s1, d_s2, d_weights, d_qd, d_gamma, d_beta
+
+
+def _anchor_derived(k, v, s1, s2, h, z_raw, gz_w, gamma, beta, rule: RuleConfig):
+    """Everything of the anchor gradients the per-chunk backward needs, elementwise from h, z and gz A1 s1."""
+    act = F.gelu(h)
+    z_hat, std, err, f_err, g, gz = _inner_error(z_raw, s1, k, v, gamma, beta, rule)
+    gh = torch.ops.aten.gelu_backward(gz_w, h)
+    # gelu''(h) = phi(h) (2 - h^2); h^2 is capped at 170 so that exp stays out of its slow subnormal path
+    # (see decay_matrix): beyond it the term is below 1e-35. Times gz A1 s1: d h from d gh in one multiply.
+    h_sq = h * h
+    gelu2 = gz_w * (torch.exp(h_sq.clamp_max(170.0) * -0.5) * _INV_SQRT_2PI) * (2.0 - h_sq)
+    g_zhat = (g * z_hat).mean(dim=-1, keepdim=True)
+    err_slope = gamma * _lp_error_derivative(err, rule)
+    return act, gz, gh, gelu2, z_hat, std, g, g_zhat, err_slope, f_err
+
+
+def _backward_step(
+    da1_out, da2_out, a1, a2, lq1, lq2, k, last_w, total, full, h, z_raw, act, gz, gh, gelu2,
+    z_hat, std, g, g_zhat, err_slope, d_gh, d_gz, d_act, da1_read, da2_read, d_s1, d_s2, gamma, rule: RuleConfig,
+):  # fmt: skip
+    """One chunk's state gradient: through its commit, anchor gradients and normalisers, back to its anchor.
+
+    da*_out: the gradient of the state after the chunk; d_gh, d_gz, d_act, da*_read, d_s*: what the reads'
+    backward sent to this chunk's anchor-side tensors. Returns the gradient of the anchor and the chunk's
+    contributions to dk, d error (dv = -d error), dg (for gamma), dD[b] and dQ_b. lq1, lq2: the anchor's
+    normalisers with their peaks and scaled norms (_lq_forward).
+    """
+    s1, s2 = lq1[0], lq2[0]
+    if full is None:
+        da1_keep, da2_keep = da1_out, da2_out
+    else:
+        keep = full[:, None, None, None]
+        da1_keep, da2_keep = da1_out * keep, da2_out * keep
+    minus_w = -last_w.unsqueeze(-1)
+    decay = total[..., None, None]
+    d_total = (da1_keep * a1).sum(dim=(-2, -1)) + (da2_keep * a2).sum(dim=(-2, -1))
+    # commit: A2' = Q_b A2 - gh^T (k * D[b]), A1' = Q_b A1 - (gz * D[b])^T act
+    d_gh = add_matmul(d_gh, k * minus_w, _bt(da2_keep))
+    d_kw = gh @ da2_keep
+    d_gzw = act @ _bt(da1_keep)
+    d_act = add_matmul(d_act, gz * minus_w, da1_keep)
+    dk = d_kw * minus_w
+    d_gz = d_gz + d_gzw * minus_w
+    d_last_w = -((d_kw * k).sum(-1) + (d_gzw * gz).sum(-1))
+    da1 = da1_keep * decay + da1_read
+    da2 = da2_keep * decay + da2_read
+    if full is not None:  # rows that kept their anchor pass the gradient straight through
+        da1 = da1 + da1_out * ~keep
+        da2 = da2 + da2_out * ~keep
+    # anchor: gh = gelu'(h) * (gz s1 A1), h = s2 k A2^T, z = act A1^T
+    d_gzw_full = torch.ops.aten.gelu_backward(d_gh, h)
+    d_h = d_gh * gelu2
+    d_gzs = d_gzw_full @ _bt(a1)
+    da1 = add_matmul(da1, _bt(gz * s1), d_gzw_full)
+    d_gz = d_gz + d_gzs * s1
+    d_s1 = d_s1 + (d_gzs * gz).sum(dim=(-2, -1), keepdim=True)
+    # gz = LN'(g) as a function of g, z_hat and std
+    r = d_gz / std
+    d_g = _layer_norm_input_grad(d_gz, z_hat, std)
+    d_zhat = -g_zhat * r - (r * z_hat).mean(dim=-1, keepdim=True) * g
+    d_std = -(d_gz * gz).sum(dim=-1, keepdim=True) / std
+    d_err = err_slope * d_g
+    d_zhat = d_zhat + gamma * d_err
+    d_z = _layer_norm_input_grad(d_zhat, z_hat, std) + d_std * z_hat / z_hat.shape[-1]
+    d_s1 = d_s1 + (d_z * z_raw).sum(dim=(-2, -1), keepdim=True)
+    d_zr = d_z * s1
+    d_act = add_matmul(d_act, d_zr, a1)
+    da1 = add_matmul(da1, _bt(d_zr), act)
+    d_h = d_h + torch.ops.aten.gelu_backward(d_act, h)
+    d_ks = d_h @ a2
+    ks = k * s2
+    da2 = add_matmul(da2, _bt(d_h), ks)
+    dk = dk + d_err + d_ks * s2
+    d_s2 = d_s2 + (d_ks * k).sum(dim=(-2, -1), keepdim=True)
+    if rule.q != 2:
+        da1 = da1 + _lq_backward(a1, d_s1, *lq1, rule)
+        da2 = da2 + _lq_backward(a2, d_s2, *lq2, rule)
+    return da1, da2, dk, d_err, d_g, d_last_w, d_total
+
+
+def _gates_backward(d_weights, d_query_decay, decay, weights, query_decay, d_last_w, d_total):
+    """d eta and d log alpha from dD and dQ (D[t, j] = exp(c_t - c_j) eta_j, Q_t = exp(c_t), c = cumsum log alpha)."""
+    d_weights = torch.cat([d_weights[..., :-1, :], (d_weights[..., -1, :] + d_last_w).unsqueeze(-2)], dim=-2)
+    d_query_decay = torch.cat([d_query_decay[..., :-1], (d_query_decay[..., -1] + d_total).unsqueeze(-1)], dim=-1)
+    d_eta = (d_weights * decay).sum(dim=-2)
+    weighted = d_weights * weights
+    d_cum = d_query_decay * query_decay + weighted.sum(dim=-1) - weighted.sum(dim=-2)
+    return d_eta, d_cum.flip(-1).cumsum(-1).flip(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunk sequence
+
+
+class _Steps:
+    """The pieces that run: eager, or each through torch.compile (static shapes: one graph per shape)."""
+
+    def __init__(self, compiled: bool):
+        def wrap(fn):
+            return torch.compile(fn, dynamic=False, fullgraph=True) if compiled else fn
+
+        self.gates = wrap(_gates)
+        self.lq_forward = wrap(_lq_forward)
+        self.forward_step = wrap(_forward_step)
+        self.anchor_recompute = wrap(_anchor_recompute)
+        self.anchor_derived = wrap(_anchor_derived)
+        self.read = wrap(_read)
+        self.read_backward = wrap(_read_backward)
+        self.backward_step = wrap(_backward_step)
+        self.gates_backward = wrap(_gates_backward)
+
+
+@cache
+def _steps(compiled: bool) -> _Steps:
+    return _Steps(compiled)
+
+
+def _chunk_major(t: Tensor, num_chunks: int) -> Tensor:
+    """(B, H, N*b, ...) -> (N, B, H, b, ...), contiguous: every chunk's slice is one block of memory."""
+    return t.unflatten(2, (num_chunks, -1)).movedim(2, 0).contiguous()
+
+
+def _time_major(t: Tensor) -> Tensor:
+    """(N, B, H, b, ...) -> (B, H, N*b, ...)."""
+    return t.movedim(0, 2).flatten(2, 3)
+
+
+def _groups(num_chunks: int, batch: int, rule: RuleConfig, save_all: bool) -> list[tuple[int, int]]:
+    """[c0, c1) of each group of chunks: rule.checkpoint_group of them when the states are kept per group."""
+    if rule.checkpoint_group > 1 and not save_all:
+        size = rule.checkpoint_group
+    else:
+        size = max(1, GROUP_ROWS // (batch * rule.chunk_size))
+    return [(c0, min(c0 + size, num_chunks)) for c0 in range(0, num_chunks, size)]
+
+
+def _full_chunks(lengths: Tensor | None, num_chunks: int, chunk_size: int) -> Tensor | None:
+    """(N, B) bool: chunk n of row b commits ((n+1) b <= length); None: every chunk of every row does."""
+    if lengths is None:
+        return None
+    ends = torch.arange(1, num_chunks + 1, device=lengths.device) * chunk_size
+    return ends[:, None] <= lengths[None, :]
+
+
+def _run_chunks(steps: _Steps, a1, a2, k, v, last_w, total, full, gamma, beta, rule, c0: int, c1: int):
+    """The sequential part over chunks [c0, c1): the final state and, stacked over the chunks, their anchors
+    and the forward step's outputs (s1, s2, h, z, gz A1 s1, act, gz, gh)."""
+    outputs = []
+    for n in range(c0, c1):
+        start = (a1, a2)
+        a1, a2, *rest = steps.forward_step(
+            a1, a2, k[n - c0], v[n - c0], last_w[n - c0], total[n - c0], None if full is None else full[n],
+            gamma, beta, rule,
+        )  # fmt: skip
+        outputs.append((*start, *rest))
+    return a1, a2, [torch.stack(field) for field in zip(*outputs)]
+
+
+def memory_forward(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: RuleConfig, save, save_all, compiled):
+    """y (B, H, N*b, d_h), the final state and what the backward keeps: (states1, states2, kept); nothing
+    kept unless `save` (no backward will run)."""
+    steps = _steps(compiled)
+    batch, _, length, _ = q.shape
+    b = rule.chunk_size
+    num_chunks = length // b
+    qc, kc, vc, ec, lc = (_chunk_major(t, num_chunks) for t in (q, k, v, eta, log_alpha))
+    full = _full_chunks(lengths, num_chunks, b)
+    causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()
+    gamma_b, beta_b = gamma[:, None, :], beta[:, None, :]
+    groups = _groups(num_chunks, batch, rule, save_all)
+    two_level = rule.checkpoint_group > 1 and not save_all
+    slots = 0 if not save else len(groups) if two_level else num_chunks
+    states1 = a1.new_empty(slots, *a1.shape)
+    states2 = a2.new_empty(slots, *a2.shape)
+    ys, kept = [], []
+    for index, (c0, c1) in enumerate(groups):
+        _, weights, query_decay = steps.gates(lc[c0:c1], ec[c0:c1], causal)
+        last_w, total = weights[..., -1, :], query_decay[..., -1]
+        if save and two_level:
+            states1[index], states2[index] = a1, a2
+        a1, a2, fields = _run_chunks(steps, a1, a2, kc[c0:c1], vc[c0:c1], last_w, total, full, gamma_b, beta_b,
+                                     rule, c0, c1)  # fmt: skip
+        anchor1, anchor2, s1, s2, h, z_raw, gz_w, act, gz, gh = fields
+        if save and not two_level:
+            states1[c0:c1], states2[c0:c1] = anchor1, anchor2
+        y, hq, a_q, zq, s_aa = steps.read(
+            qc[c0:c1], kc[c0:c1], weights, query_decay, s1, s2, anchor1, anchor2, act, gz, gh, gamma_b, beta_b, rule
+        )
+        ys.append(y)
+        if save and save_all:
+            kept.append((h, z_raw, gz_w, hq, a_q, zq, s_aa))
+    y = _time_major(torch.cat(ys) if len(ys) > 1 else ys[0])
+    kept = [torch.cat(field) for field in zip(*kept)]
+    return y, a1, a2, states1, states2, kept
+
+
+def memory_backward(
+    dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, kept, rule: RuleConfig,
+    save_all, compiled,
+):  # fmt: skip
+    """Gradients of q, k, v, eta, log_alpha, the initial state and gamma, beta (memory_forward's inputs)."""
+    steps = _steps(compiled)
+    batch, heads, length, head_dim = q.shape
+    b = rule.chunk_size
+    num_chunks = length // b
+    qc, kc, vc, ec, lc, dyc = (_chunk_major(t, num_chunks) for t in (q, k, v, eta, log_alpha, dy))
+    full = _full_chunks(lengths, num_chunks, b)
+    causal = torch.ones(b, b, dtype=torch.bool, device=q.device).tril()
+    gamma_b, beta_b = gamma[:, None, :], beta[:, None, :]
+    groups = _groups(num_chunks, batch, rule, save_all)
+    two_level = rule.checkpoint_group > 1 and not save_all
+    grads = [torch.empty_like(t) for t in (qc, kc, vc, ec, lc)]
+    d_gamma, d_beta = torch.zeros_like(gamma), torch.zeros_like(beta)
+    every = rule.detach_state_every
+    for index, (c0, c1) in reversed(list(enumerate(groups))):
+        qg, kg, vg = qc[c0:c1], kc[c0:c1], vc[c0:c1]
+        decay, weights, query_decay = steps.gates(lc[c0:c1], ec[c0:c1], causal)
+        last_w, total = weights[..., -1, :], query_decay[..., -1]
+        if two_level:  # this group's anchors again, from its first state
+            _, _, (anchor1, anchor2, _, _, h, z_raw, gz_w, *_) = _run_chunks(
+                steps, states1[index], states2[index], kg, vg, last_w, total, full, gamma_b, beta_b, rule, c0, c1
+            )
+        else:
+            anchor1, anchor2 = states1[c0:c1], states2[c0:c1]
+        lq1, lq2 = steps.lq_forward(anchor1, rule), steps.lq_forward(anchor2, rule)
+        s1, s2 = lq1[0], lq2[0]
+        if save_all:
+            h, z_raw, gz_w, hq, a_q, zq, s_aa = (t[c0:c1] for t in kept)
+        elif not two_level:
+            h, z_raw, gz_w = steps.anchor_recompute(anchor1, anchor2, s1, s2, kg, vg, gamma_b, beta_b, rule)
+        act, gz, gh, gelu2, z_hat, std, g, g_zhat, err_slope, f_err = steps.anchor_derived(
+            kg, vg, s1, s2, h, z_raw, gz_w, gamma_b, beta_b, rule
+        )
+        if not save_all:
+            _, hq, a_q, zq, s_aa = steps.read(
+                qg, kg, weights, query_decay, s1, s2, anchor1, anchor2, act, gz, gh, gamma_b, beta_b, rule
+            )
+        dq, dk, da1_read, da2_read, d_gh, d_gz, d_act, d_s1, d_s2, d_weights, d_qd, d_gamma_read, d_beta_read = (
+            steps.read_backward(dyc[c0:c1], qg, kg, weights, query_decay, s1, s2, anchor1, anchor2, act, gz, gh,
+                                hq, a_q, zq, s_aa, gamma_b, rule)
+        )  # fmt: skip
+        per_chunk = []
+        for n in reversed(range(c0, c1)):
+            i = n - c0
+            da1, da2, *rest = steps.backward_step(
+                da1, da2, anchor1[i], anchor2[i], tuple(t[i] for t in lq1), tuple(t[i] for t in lq2), kg[i],
+                last_w[i], total[i], None if full is None else full[n], h[i], z_raw[i], act[i], gz[i], gh[i],
+                gelu2[i], z_hat[i], std[i], g[i], g_zhat[i], err_slope[i], d_gh[i], d_gz[i], d_act[i],
+                da1_read[i], da2_read[i], d_s1[i], d_s2[i], gamma_b, rule,
+            )  # fmt: skip
+            per_chunk.append(rest)
+            if n and every and (n * b) % every == 0:  # truncated BPTT: the state entering chunk n was detached
+                da1, da2 = torch.zeros_like(da1), torch.zeros_like(da2)
+        dk_state, d_err, d_g, d_last_w, d_total = (torch.stack(field[::-1]) for field in zip(*per_chunk))
+        d_eta, d_log_alpha = steps.gates_backward(d_weights, d_qd, decay, weights, query_decay, d_last_w, d_total)
+        rows = (0, 1, 3)  # (G, B, H, b, d_h): all but H and d_h
+        d_gamma += d_gamma_read + (d_g * f_err + d_err * z_hat).sum(dim=rows)
+        d_beta += d_beta_read + d_err.sum(dim=rows)
+        for grad, value in zip(grads, (dq, dk + dk_state, -d_err, d_eta, d_log_alpha)):
+            grad[c0:c1] = value
+    dq, dk, dv, d_eta, d_log_alpha = (_time_major(t) for t in grads)
+    return dq, dk, dv, d_eta, d_log_alpha, da1, da2, d_gamma, d_beta
+
+
+# ----------------------------------------------------------------------------------------------
+# The op: one node for torch.compile, with its backward
+
+
+# The op's schema takes numbers, not a RuleConfig: the rule travels as a list of its fields (a traced graph reads
+# them as constants) and the op rebuilds it, one object per distinct rule (the compiled steps guard on it).
+
+
+def _rule_values(rule: RuleConfig) -> list[float]:
+    """The rule as the op's list of numbers (smooth_lp: -1 for None, else 0 or 1)."""
+    smooth = -1.0 if rule.smooth_lp is None else float(rule.smooth_lp)
+    return [float(rule.p), float(rule.q), float(rule.chunk_size), float(rule.lq_floor), float(rule.ln_eps), smooth,
+            float(rule.sign_sharpness), float(rule.abs_eps), float(rule.detach_state_every),
+            float(rule.checkpoint_group)]  # fmt: skip
+
+
+def _rule_from(values: list[float]) -> RuleConfig:
+    return _rule(*values)
+
+
+@cache
+def _rule(p, q, chunk_size, lq_floor, ln_eps, smooth, sharpness, abs_eps, detach_every, group) -> RuleConfig:
+    return RuleConfig(
+        p=p, q=q, chunk_size=int(chunk_size), lq_floor=lq_floor, ln_eps=ln_eps,
+        smooth_lp=None if smooth < 0 else bool(smooth), sign_sharpness=sharpness, abs_eps=abs_eps,
+        detach_state_every=int(detach_every), checkpoint_group=int(group),
+    )  # fmt: skip
+
+
+def _kept_shapes(q: Tensor, a1: Tensor, rule: RuleConfig) -> list[tuple[int, ...]]:
+    """Shapes of what save_all keeps: h, z, gz A1 s1, hq, aq A1^T, zq, aq act^T (chunk-major)."""
+    batch, heads, length, head_dim = q.shape
+    b, width = rule.chunk_size, a1.shape[-1]
+    lead = (length // b, batch, heads, b)
+    return [lead + (n,) for n in (width, head_dim, width, width, head_dim, head_dim, b)]
+
+
+@torch.library.custom_op("miras::chunk_memory", mutates_args=())
+def _chunk_memory(
+    q: Tensor, k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, a1: Tensor, a2: Tensor, gamma: Tensor,
+    beta: Tensor, lengths: Tensor | None, rule: list[float], save: bool, save_all: bool, compiled: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:  # fmt: skip
+    with torch.no_grad():
+        return memory_forward(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, _rule_from(rule), save,
+                              save_all, compiled)  # fmt: skip
+
+
+@_chunk_memory.register_fake
+def _(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, save, save_all, compiled):
+    rule_config = _rule_from(rule)
+    num_chunks = q.shape[2] // rule_config.chunk_size
+    groups = _groups(num_chunks, q.shape[0], rule_config, save_all)
+    two_level = rule_config.checkpoint_group > 1 and not save_all
+    slots = 0 if not save else len(groups) if two_level else num_chunks
+    kept = [q.new_empty(shape) for shape in _kept_shapes(q, a1, rule_config)] if save and save_all else []
+    states = (a1.new_empty(slots, *a1.shape), a2.new_empty(slots, *a2.shape))
+    return q.new_empty(q.shape), a1.new_empty(a1.shape), a2.new_empty(a2.shape), *states, kept
+
+
+@torch.library.custom_op("miras::chunk_memory_backward", mutates_args=())
+def _chunk_memory_backward(
+    dy: Tensor, da1: Tensor, da2: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor,
+    gamma: Tensor, beta: Tensor, lengths: Tensor | None, states1: Tensor, states2: Tensor, kept: list[Tensor],
+    rule: list[float], save_all: bool, compiled: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    with torch.no_grad():
+        return memory_backward(dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, kept,
+                               _rule_from(rule), save_all, compiled)  # fmt: skip
+
+
+@_chunk_memory_backward.register_fake
+def _(dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, kept, rule, save_all, compiled):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, eta, log_alpha, da1, da2, gamma, beta))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, eta, log_alpha, _, _, gamma, beta, lengths, rule, _, save_all, compiled = inputs
+    _, _, _, states1, states2, kept = output
+    ctx.save_for_backward(q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, *kept)
+    ctx.options = (rule, save_all, compiled)
+
+
+def _backward(ctx, dy, da1, da2, *_):
+    q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, *kept = ctx.saved_tensors
+    grads = _chunk_memory_backward(
+        dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, kept, *ctx.options
+    )
+    return (*grads, None, None, None, None, None)
+
+
+_chunk_memory.register_autograd(_backward, setup_context=_setup_context)
+
+
+def torch_memory(
+    q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: RuleConfig, save_all=False, compiled=False
+):
+    """Reads (B, H, N*b, d_h) and the final accumulators of the padded chunk sequence (per-head gates).
+
+    Inputs as chunkwise_memory's after compaction and padding: q, k, v (B, H, N*b, d_h); eta, log_alpha
+    (B, H, N*b); a1 (B, H, d_h, m), a2 (B, H, m, d_h); gamma, beta (H, d_h); lengths: (B,) tokens per row
+    or None (all rows full). save_all and compiled: see the module docstring.
+    """
+    tensors = (q, k, v, eta, log_alpha, a1, a2, gamma, beta)
+    save = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    y, a1, a2, *_ = _chunk_memory(*tensors, lengths, _rule_values(rule), save, save_all, compiled)
+    return y, a1, a2
