@@ -204,8 +204,7 @@ def test_eval_every_evaluates_between_log_rows_and_a_bad_eval_dataset_is_one_lin
     capsys.readouterr()
     assert main([*args, "--eval-dataset", missing, "--output-dir", str(tmp_path), "--run-name", "m"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"miras train: error: --eval-dataset {missing!r}: no such file (accepted: .txt, .jsonl, .json, "
-                   ".parquet files or globs)"]  # fmt: skip
+    assert len(err) == 1 and err[0].startswith(f"miras train: error: --eval-dataset {missing!r}: no such file")
     assert not (tmp_path / "m").exists()
 
 
