@@ -11,6 +11,7 @@ COMMANDS = {
     "ckpt": ("inspect checkpoints: miras ckpt verify PATH | miras ckpt ls RUN_DIR", "miras.checkpoint.cli:main"),
     "estimate": ("parameters, checkpoint size, disk, upload/day and GPU memory of a run", "miras.estimate:main"),
     "generate": ("sample text from a checkpoint folder, run folder or storage URL", "miras.generate:main"),
+    "eval": ("perplexity, bits/byte, loss by position and lm-eval tasks of a checkpoint", "miras.eval_command:main"),
     "storage": ("synced runs: miras storage ls URL | miras storage pull URL DEST", "miras.checkpoint.cli:storage_main"),
 }
 

@@ -194,7 +194,7 @@ class PackedTokenStream:
             self.stream = split_dataset_by_node(part, rank=config.rank, world_size=config.world_size)
             self.iterator = None
         else:
-            if held_out >= len(documents):
+            if held_out >= len(documents) + evaluation:  # training needs one document left; evaluation may take all
                 raise DataError(
                     f"--dataset {config.dataset!r} has {len(documents)} documents, too few to hold out "
                     f"{held_out} for evaluation"
@@ -243,7 +243,8 @@ class PackedTokenStream:
         length = self.config.seq_len
         while len(self.pending) < length:
             text = self._next_document()
-            self.pending.extend(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            # verbose=False: documents are longer than model_max_length (the window) by design; no warning.
+            self.pending.extend(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
             self.pending.append(self.eos)
         window, self.pending = self.pending[:length], self.pending[length:]
         return window

@@ -46,7 +46,9 @@ GPT2_VOCAB = 50257
 HIDDEN_BYTES = 4  # the residual stream stays fp32 under autocast (fp32 parameters)
 SAFETENSORS_BYTES_PER_TENSOR = 150  # JSON header entry
 OPTIMIZER_BYTES_PER_TENSOR = 6000  # DCP: the .distcp entry (step, moments headers) + .metadata, measured on xs
-SMALL_FILES_BYTES = 60_000  # config, generation config, scheduler, RNG + data state, trainer_state, manifest
+# config, generation config, scheduler, RNG + data state, trainer_state, manifest, and ~140 KB of modeling code
+# (miras.remote_code: the folder loads with trust_remote_code=True)
+SMALL_FILES_BYTES = 200_000
 TOKENIZER_BYTES_PER_TOKEN = 75  # tokenizer.json (+ vocab/merges) of BPE tokenizers, gpt2: ~3.6 MB
 TOKENIZER_MIN_BYTES = 10_000  # the byte tokenizer's files (~6 kB)
 DEFAULT_HEADROOM_GB = 30.0

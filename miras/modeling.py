@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -154,7 +155,7 @@ class MonetaMixer(nn.Module):
             self.eta_up = nn.Linear(config.gate_rank, d, bias=True)
             self.alpha_up = nn.Linear(config.gate_rank, d, bias=True)
         else:
-            self.gate_proj = nn.Linear(d, 2 * heads, bias=True)
+            self.eta_alpha_proj = nn.Linear(d, 2 * heads, bias=True)  # not gate_proj: that is the MLP's
         # Memory: learned initial accumulators and the LayerNorm affine of M(x) = x + LN(W1 gelu(W2 x)).
         self.memory_a1 = nn.Parameter(torch.empty(heads, dh, width))
         self.memory_a2 = nn.Parameter(torch.empty(heads, width, dh))
@@ -189,7 +190,7 @@ class MonetaMixer(nn.Module):
             shape = (batch, length, self.num_heads, self.head_dim)
             eta_logit, alpha_logit = (t.float().view(shape).permute(0, 2, 1, 3) for t in (eta_logit, alpha_logit))
         else:
-            eta_logit, alpha_logit = self.gate_proj(x).float().transpose(1, 2).chunk(2, dim=1)
+            eta_logit, alpha_logit = self.eta_alpha_proj(x).float().transpose(1, 2).chunk(2, dim=1)
         return self.eta_max * torch.sigmoid(eta_logit), F.logsigmoid(alpha_logit)
 
     def _causal_conv(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +200,7 @@ class MonetaMixer(nn.Module):
         if conv_state is None:
             conv_state = x.new_zeros(x.shape[0], x.shape[1], tail)
         padded = torch.cat([conv_state.to(x.dtype), x], dim=-1)
-        out = F.conv1d(padded, self.conv.weight, groups=x.shape[1])
+        out = self.conv(padded)  # through the module, so hooks, adapters and quantizers on it see the call
         # SiLU on the (B, T, C) layout: its backward on the transposed view is ~4x slower.
         # The carried tail is copied out: a view would keep the whole padded input alive in the cache, and its
         # strides would differ between a prefill and a decoding step (one more graph under torch.compile).
@@ -277,6 +278,18 @@ class MonetaBlock(GradientCheckpointingLayer):
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
+# Parameter names of earlier versions -> today's, as from_pretrained's key_mapping (regex -> replacement): the
+# mixer's eta/alpha gate projection was `gate_proj`, the name the MLP's gate also has.
+LEGACY_KEYS: dict[str, str] = {r"mixer\.gate_proj\.": "mixer.eta_alpha_proj."}
+
+
+def current_parameter_name(name: str) -> str:
+    """A parameter name as an earlier version saved it -> today's (the optimizer state is keyed by these)."""
+    for pattern, replacement in LEGACY_KEYS.items():
+        name = re.sub(pattern, replacement, name)
+    return name
+
+
 class MonetaPreTrainedModel(PreTrainedModel):
     config_class = MonetaConfig
     config: MonetaConfig
@@ -289,6 +302,24 @@ class MonetaPreTrainedModel(PreTrainedModel):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # MonetaCache holds recurrent state, not keys and values
+
+    @classmethod
+    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
+        """As PreTrainedModel.from_pretrained; weights saved under earlier parameter names load under today's."""
+        return super().from_pretrained(*args, key_mapping={**LEGACY_KEYS, **(key_mapping or {})}, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, safe_serialization: bool = True, **kwargs) -> None:
+        """As PreTrainedModel.save_pretrained, plus the modeling code and `auto_map` (miras.remote_code), so the
+        folder loads with trust_remote_code=True where miras is not installed. Safetensors only."""
+        if not safe_serialization:
+            raise ValueError(
+                "save_pretrained(safe_serialization=False): MONETA checkpoints are written as safetensors only "
+                "(pickled .bin weights are not supported); leave safe_serialization at True"
+            )
+        super().save_pretrained(save_directory, *args, **kwargs)
+        from .remote_code import write_model_code  # (a no-op in a copy loaded as remote code: transformers saved it)
+
+        write_model_code(save_directory)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -348,8 +379,8 @@ class MonetaPreTrainedModel(PreTrainedModel):
                 init.copy_(module.eta_up.bias, eta_bias.repeat_interleave(module.head_dim))
                 init.constant_(module.alpha_up.bias, alpha_bias)
             else:
-                init.copy_(module.gate_proj.bias[:heads], eta_bias)
-                init.constant_(module.gate_proj.bias[heads:], alpha_bias)
+                init.copy_(module.eta_alpha_proj.bias[:heads], eta_bias)
+                init.constant_(module.eta_alpha_proj.bias[heads:], alpha_bias)
         if isinstance(module, (MonetaMLP, MonetaMixer)):
             # GPT-2 style: residual-branch outputs scaled by 1/sqrt(2 * layers).
             out = module.down_proj if isinstance(module, MonetaMLP) else module.o_proj
@@ -388,7 +419,8 @@ def _cache_outputs(cache: MonetaCache | None) -> dict:
 class MonetaModel(MonetaPreTrainedModel):
     def __init__(self, config: MonetaConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        # No padding_idx: it would freeze the row of pad_token_id, which older tokenizers share with end-of-text.
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(MonetaBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = MonetaRMSNorm(config.hidden_size, config.norm_eps)
         self.gradient_checkpointing = False
@@ -500,15 +532,28 @@ class MonetaForCausalLM(MonetaPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self, input_ids, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
     ):
-        """Feed only the tokens the cache has not seen; the mask covers the whole sequence."""
+        """Feed only what the cache has not seen; the mask covers the whole sequence.
+
+        How many tokens are new comes from generate itself (`next_sequence_length` from transformers
+        5.24, `cache_position` before), else from the mask's length: never from input_ids alone, which
+        lacks what came in as embeddings (a prompt given as inputs_embeds, PEFT's virtual tokens).
+        """
         cache = kwargs.pop("cache", None) or kwargs.pop("past_key_values", None)
-        kwargs.pop("next_sequence_length", None)
-        kwargs.pop("cache_position", None)
+        new_tokens = kwargs.pop("next_sequence_length", None)
+        cache_position = kwargs.pop("cache_position", None)
+        if new_tokens is None and cache_position is not None:
+            new_tokens = cache_position.shape[-1]
         kwargs.pop("position_ids", None)
         model_inputs = {"attention_mask": attention_mask, "use_cache": use_cache}
-        if cache is not None and cache.get_seq_length() > 0:
-            model_inputs["input_ids"] = input_ids[:, cache.get_seq_length() :]
-            model_inputs["cache"] = cache
+        seen = cache.get_seq_length() if cache is not None else 0
+        if seen > 0:
+            if new_tokens is None:
+                total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
+                new_tokens = max(1, total - seen)
+            model_inputs["input_ids"] = input_ids[:, input_ids.shape[1] - new_tokens :]
+            # Under both names: wrappers that read the inputs (PEFT's prompt learning) still look for
+            # past_key_values, and would otherwise inject their virtual tokens again at every step.
+            model_inputs["cache"] = model_inputs["past_key_values"] = cache
         elif inputs_embeds is not None:
             model_inputs["inputs_embeds"] = inputs_embeds
         else:

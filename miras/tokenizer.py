@@ -9,6 +9,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 BYTE_TOKENIZER = "byte"
 END_OF_TEXT = "<|endoftext|>"
+PAD = "<|pad|>"
 
 
 class TokenizerError(ValueError):
@@ -16,22 +17,34 @@ class TokenizerError(ValueError):
 
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """256 byte tokens (GPT-2's byte-to-unicode alphabet) plus <|endoftext|> as id 256.
+    """256 byte tokens (GPT-2's byte-to-unicode alphabet), <|endoftext|> (id 256, also BOS) and <|pad|> (257).
 
     Built from `tokenizers` in memory, saved with a checkpoint like any other tokenizer, and
-    reloaded offline by AutoTokenizer.
+    reloaded offline by AutoTokenizer. Padding is on the left, as generation of a batch needs; the pad
+    token is its own, so a padded batch never reads as end-of-text. (Checkpoints saved before <|pad|>
+    existed keep their 257-token tokenizer, pad = end-of-text, and their vocabulary size.)
     """
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     byte_to_char = sorted(alphabet, key=lambda ch: _byte_of(ch))
     vocab = {ch: i for i, ch in enumerate(byte_to_char)}
     vocab[END_OF_TEXT] = len(vocab)
+    vocab[PAD] = len(vocab)
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
-    core.add_special_tokens([END_OF_TEXT])
+    core.add_special_tokens([END_OF_TEXT, PAD])
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT, pad_token=END_OF_TEXT
+        tokenizer_object=core, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT, pad_token=PAD, padding_side="left"
     )
+
+
+def prepare_for_checkpoints(tokenizer: PreTrainedTokenizerBase, seq_len: int) -> PreTrainedTokenizerBase:
+    """What a checkpoint's tokenizer says: left padding (generation continues from the last token of each row)
+    and model_max_length = the training window, not transformers' 1e30 placeholder (lm-eval and pipelines
+    size their windows by it; the recurrent model itself has no hard limit)."""
+    tokenizer.padding_side = "left"
+    tokenizer.model_max_length = seq_len
+    return tokenizer
 
 
 def _byte_of(char: str) -> int:

@@ -22,5 +22,5 @@ def test_unknown_command_is_one_line_exit_2():
     result = run("fly")
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "miras: error: unknown command 'fly' (expected one of: train, ckpt, estimate, generate, storage)"
+        "miras: error: unknown command 'fly' (expected one of: train, ckpt, estimate, generate, eval, storage)"
     )

@@ -188,7 +188,7 @@ def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_or
         gains = mixer.memory_ln_weight.detach()
         assert torch.equal(gains, gains[:, :1].expand_as(gains))  # one gain per head
         torch.testing.assert_close(gains[:, 0], torch.tensor([0.01, 0.1 / 10 ** (1 / 3), 0.1 * 10 ** (1 / 3), 1.0]))
-        etas = torch.sigmoid(mixer.gate_proj.bias[: mixer.num_heads].detach())
+        etas = torch.sigmoid(mixer.eta_alpha_proj.bias[: mixer.num_heads].detach())
         torch.testing.assert_close(etas, torch.tensor([0.001, 0.01 / 10 ** (1 / 3), 0.01 * 10 ** (1 / 3), 0.1]))
     flat = tiny_model(memory_gain_init_spread=1.0).model.layers[0].mixer.memory_ln_weight
     assert torch.all(flat == flat.new_tensor(0.3162))  # spread 1: every head at memory_gain_init
@@ -200,7 +200,7 @@ def test_spread_across_layers_runs_one_range_over_every_head_in_layer_order():
     )
     mixers = [block.mixer for block in model.model.layers]
     gains = torch.cat([m.memory_ln_weight.detach()[:, 0] for m in mixers])
-    etas = torch.cat([torch.sigmoid(m.gate_proj.bias[: m.num_heads].detach()) for m in mixers])
+    etas = torch.cat([torch.sigmoid(m.eta_alpha_proj.bias[: m.num_heads].detach()) for m in mixers])
     exponents = torch.linspace(-1.0, 1.0, 8, dtype=torch.float64)  # 2 layers x 4 heads, one log-spaced range
     torch.testing.assert_close(gains, (0.1 * 10.0**exponents).float())
     torch.testing.assert_close(etas, (0.01 * 10.0**exponents).float())
@@ -294,6 +294,54 @@ def test_checkpoint_saved_before_the_current_defaults_loads_and_gives_the_same_l
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_old_checkpoint_keys_map_to_todays_names():
+    """moneta_v1_tiny names the mixer's eta/alpha projection `gate_proj`, as the MLP's gate: it loads whole."""
+    from pathlib import Path
+
+    folder = Path(__file__).parent / "data" / "moneta_v1_tiny"
+    model, info = MonetaForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    names = [name for name, _ in model.named_modules()]
+    assert all(".mlp." in name for name in names if name.endswith(".gate_proj")), names
+    assert any(name.endswith(".mixer.eta_alpha_proj") for name in names)
+
+
+def test_generate_from_inputs_embeds_equals_the_token_path():
+    model = tiny_model()
+    ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    from_ids = model.generate(input_ids=ids, attention_mask=mask, **options)
+    embeds = model.get_input_embeddings()(ids)
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=mask, **options)
+    assert torch.equal(from_embeds, from_ids[:, ids.shape[1] :])  # generate returns only the new tokens here
+    no_mask = model.generate(inputs_embeds=embeds, **options)
+    assert torch.equal(no_mask, from_ids[:, ids.shape[1] :])
+
+
+def test_the_conv_runs_through_its_module():
+    model = tiny_model()
+    ids = torch.randint(0, 101, (1, 9))
+    calls = []
+    conv = model.model.layers[0].mixer.conv
+    handle = conv.register_forward_hook(lambda module, args, out: calls.append(out.shape) or out * 0)
+    with torch.no_grad():
+        hooked = model(ids).logits
+    handle.remove()
+    with torch.no_grad():
+        plain = model(ids).logits
+    assert calls and not torch.allclose(hooked, plain)  # the hook saw the call and its output was used
+
+
+def test_the_pad_token_row_learns_like_any_other():
+    config = MonetaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_heads=2, intermediate_size=64,
+                          pad_token_id=3)  # fmt: skip
+    model = MonetaForCausalLM(config)
+    assert model.model.embed_tokens.padding_idx is None
+    model(torch.tensor([[3, 4, 3, 5]]), labels=torch.tensor([[3, 4, 3, 5]])).loss.backward()
+    assert model.model.embed_tokens.weight.grad[3].abs().sum() > 0
 
 
 def test_compiled_model_equals_eager_for_a_training_step_and_for_decoding():

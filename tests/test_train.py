@@ -193,6 +193,21 @@ def test_the_readme_two_process_cpu_command_really_runs_two_processes(tmp_path):
     assert config["world_size"] == 2 and (tmp_path / "runs" / "cpu-ddp" / "finished").exists()
 
 
+def test_eval_every_evaluates_between_log_rows_and_a_bad_eval_dataset_is_one_line(tmp_path, capsys):
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(2)))
+    args = [*TINY, "--max-steps", "3", "--log-every", "5", "--eval-every", "2", "--eval-dataset", str(held_out)]
+    assert main([*args, "--output-dir", str(tmp_path), "--run-name", "e"]) == 0
+    rows = read_metrics(tmp_path / "e")
+    assert [row["step"] for row in rows if "eval_loss" in row] == [2, 3]  # every 2 steps and at the end
+    missing = str(tmp_path / "missing.txt")
+    capsys.readouterr()
+    assert main([*args, "--eval-dataset", missing, "--output-dir", str(tmp_path), "--run-name", "m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"miras train: error: --eval-dataset {missing!r}: no such file")
+    assert not (tmp_path / "m").exists()
+
+
 def test_the_earlier_train_py_checkpoint_names_mean_miras_folders(tmp_path, capsys, monkeypatch):
     """`--resume .../latest.pt` (the earlier trainer's habit) resumes from the checkpoint `latest` names, bare
     `latest.pt` from the run's own; `step_X.pt` means the folder step_X; the resolver then finds the folder."""

@@ -85,8 +85,18 @@ def straight_and_resumed(tmp_path, procs, steps=6, kill_after_commit=2, extra=()
     return straight, resumed
 
 
+def evaluations(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [(row["step"], row["eval_loss"]) for row in rows if "eval_loss" in row]
+
+
 def test_resume_after_sigkill_is_bit_identical_and_checkpoints_load_with_from_pretrained(tmp_path):
-    straight_and_resumed(tmp_path, procs=1)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("".join(f"held-out document {i}: " + "the quick brown fox. " * 5 + "\n" for i in range(3)))
+    straight_and_resumed(tmp_path, procs=1, extra=["--eval-every", "2", "--eval-dataset", str(held_out)])
+    # Periodic evaluation on --eval-dataset: at the same steps, to the same values, across the kill and resume.
+    assert [step for step, _ in evaluations(tmp_path / "straight")] == [2, 4, 6]
+    assert evaluations(tmp_path / "resumed") == evaluations(tmp_path / "straight")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import miras  # noqa: F401  (registers the Auto classes)

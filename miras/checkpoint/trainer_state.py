@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..modeling import current_parameter_name
+from ..remote_code import write_model_code
 from .layout import TRAINER_DIR
 
 OPTIMIZER_DIR = f"{TRAINER_DIR}/optimizer"
@@ -92,6 +94,7 @@ def save_weights(folder: Path, state: dict[str, torch.Tensor], config, tokenizer
     save_torch_state_dict(state, folder, max_shard_size=shard_size, metadata={"format": "pt"})
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+    write_model_code(folder)  # loads with trust_remote_code=True where miras is not installed
 
 
 def save_optimizer(model, optimizer, folder: Path) -> Future:
@@ -103,10 +106,34 @@ def save_optimizer(model, optimizer, folder: Path) -> Future:
 
 
 def load_optimizer(model, optimizer, folder: Path) -> None:
+    path = Path(folder) / OPTIMIZER_DIR
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    saved_as = _saved_parameter_names(path)
+    if saved_as:  # saved by a version with other parameter names: read under those, use under today's
+        state["optimizer"] = _rename_parameters(state["optimizer"], saved_as)
     group = checkpoint_process_group()
-    dcp.load(state, checkpoint_id=str(Path(folder) / OPTIMIZER_DIR), process_group=group, no_dist=group is None)
+    dcp.load(state, checkpoint_id=str(path), process_group=group, no_dist=group is None)
+    if saved_as:
+        state["optimizer"] = _rename_parameters(state["optimizer"], {new: old for old, new in saved_as.items()})
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def _saved_parameter_names(path: Path) -> dict[str, str]:
+    """{today's name: the name the checkpoint holds} for the parameters an earlier version named otherwise."""
+    prefix = "optimizer.state."
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {key.removeprefix(prefix).rsplit(".", 1)[0] for key in keys if key.startswith(prefix)}
+    return {current_parameter_name(name): name for name in saved if current_parameter_name(name) != name}
+
+
+def _rename_parameters(optimizer_state: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    return {
+        "state": {names.get(name, name): value for name, value in optimizer_state["state"].items()},
+        "param_groups": [
+            {**group, "params": [names.get(name, name) for name in group["params"]]}
+            for group in optimizer_state["param_groups"]
+        ],
+    }
 
 
 def write_json(path: Path, value: dict[str, Any]) -> None:

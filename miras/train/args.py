@@ -123,7 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--data-source", default=None, choices=["random", "hf_buffer"], help="seed alias: random = random tokens")
     add("--eval-documents", type=non_negative_int, default=32, help="documents held out for evaluation")
-    add("--eval-batches", type=positive_int, default=4)
+    add("--eval-batches", type=positive_int, default=4, help="batches of held-out windows per evaluation")
+    add("--eval-dataset", default=None,
+        help="evaluate on the first --eval-documents documents of this dataset (same forms as --dataset) instead of "
+             "the documents held out of --dataset")  # fmt: skip
     add("--max-seq-len", type=int, default=None, help="seed alias; no effect here (no position table)")
     add("--buffer-tokens", type=int, default=None, help="seed alias; no effect here (the data streams)")
 

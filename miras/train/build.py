@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,11 @@ from ..data import (
 from ..modeling import MonetaForCausalLM
 from ..parallel import shard_model, take_fsdp_request
 from ..storage import StorageError, parse_options
-from ..tokenizer import TokenizerError, load_tokenizer
+from ..tokenizer import TokenizerError, load_tokenizer, prepare_for_checkpoints
 from .checks import EXIT_FAILED, TrainingStopped, check_fits, check_shape
 
 NO_DECAY_NAMES = (
-    ".mixer.gate_proj.",
+    ".mixer.eta_alpha_proj.",
     ".mixer.gate_down.",
     ".mixer.eta_up.",
     ".mixer.alpha_up.",
@@ -118,14 +118,45 @@ def open_data(args, rank: int, world_size: int, device=None, shards: int = 1) ->
         if not args.random_tokens and args.dataset != SYNTHETIC_RECALL:
             open_documents(config)
         tokenizer = load_tokenizer(args.tokenizer or default_tokenizer_name(args.dataset))
+        prepare_for_checkpoints(tokenizer, args.seq_len)
         check_fits(args, build_model_config(args, tokenizer), device or torch.device("cpu"), shards)
         stream = open_stream(config, tokenizer)
         eval_config = DataConfig(**{**asdict(config), "batch_size": max(1, args.batch_size)})
+        if args.eval_dataset is not None:
+            eval_config = held_out_dataset(args, eval_config)
         return Data(tokenizer, stream, eval_config, stream.next_batch())
     except HubUnreachable as error:  # the network, not the arguments: a later start may succeed
         raise TrainingStopped(str(error), EXIT_FAILED) from None
     except (DataError, TokenizerError, ValueError) as error:
         raise TrainingStopped(str(error)) from None
+
+
+def resumed_tokenizer(args, folder: Path, tokenizer):
+    """A resumed run keeps the tokenizer its checkpoint saved: the ids its model learned (a byte-tokenizer run
+    saved before <|pad|> existed keeps 257 tokens). Encoding text is the same; only the vocabulary may differ."""
+    if not (folder / "tokenizer_config.json").is_file():
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        saved = AutoTokenizer.from_pretrained(folder)
+    except Exception:  # an unreadable tokenizer is not a reason to refuse the resume: the shape check decides
+        return tokenizer
+    return prepare_for_checkpoints(saved, args.seq_len)
+
+
+def held_out_dataset(args, eval_config: DataConfig) -> DataConfig:
+    """The evaluation data of --eval-dataset: its first --eval-documents documents (all of them if fewer)."""
+    config = replace(eval_config, dataset=args.eval_dataset, dataset_config=None, split="train")
+    try:
+        documents, streaming = open_documents(config)
+    except DataError as error:
+        raise DataError(str(error).replace("--dataset", "--eval-dataset", 1)) from None
+    if not streaming:
+        if len(documents) == 0:
+            raise DataError(f"--eval-dataset {args.eval_dataset!r} has no documents")
+        config = replace(config, eval_documents=min(max(1, args.eval_documents), len(documents)))
+    return config
 
 
 def build_model_config(args, tokenizer) -> MonetaConfig:

@@ -32,6 +32,7 @@ from .build import (
     build_model_config,
     checkpoint_settings,
     open_data,
+    resumed_tokenizer,
     run_record,
     start_accelerator,
     wrap_for_training,
@@ -87,7 +88,6 @@ def train(args, hooks: Hooks | None = None) -> int:
     accelerator, use_fsdp = start_accelerator(args)
     world_size, rank, main_process = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     data = open_data(args, rank, world_size, accelerator.device, world_size if use_fsdp else 1)
-    model_config = build_model_config(args, data.tokenizer)
     run_dir = Path(args.output_dir) / args.run_name
     topology = detect_topology(accelerator)
     setup_nodes(args, run_dir, topology, writes=not args.dry_run)
@@ -103,6 +103,9 @@ def train(args, hooks: Hooks | None = None) -> int:
         if main_process:
             say(f"{args.run_name}: already finished ({run_dir / FINISHED_NAME}); nothing to do")
         return 0
+    if start.trainer_state is not None:
+        data.tokenizer = resumed_tokenizer(args, start.resume, data.tokenizer)
+    model_config = build_model_config(args, data.tokenizer)
     if start.trainer_state is not None:
         check_resume_compatible(args, start.resume, start.trainer_state, model_config, world_size)
 
@@ -182,12 +185,13 @@ def train(args, hooks: Hooks | None = None) -> int:
                 accelerator, [due, milestone, out_of_time], [stop.received is not None]
             )
             finished = state.step >= total_steps or out_of_time
-            if state.step % args.log_every == 0 or finished or signalled:
+            # Evaluation steps are a function of the step alone, so a resumed run evaluates where a straight one does.
+            evaluating = bool(args.eval_every and state.step % args.eval_every == 0) or finished
+            if state.step % args.log_every == 0 or evaluating or signalled:
                 row = window.row(accelerator, state, scheduler, grad_norm, world_size)
                 row.update(checkpointer.status())
-                if (args.eval_every and state.step % args.eval_every == 0) or finished:
-                    if args.eval_batches and not args.dry_run:
-                        row["eval_loss"] = evaluate(model, accelerator, data.eval_stream(), args.eval_batches)
+                if evaluating and args.eval_batches and not args.dry_run:
+                    row["eval_loss"] = evaluate(model, accelerator, data.eval_stream(), args.eval_batches)
                 logger.log(row)
                 hooks.on_log(row)
             if save or finished or signalled:
