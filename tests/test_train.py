@@ -71,7 +71,7 @@ def test_readme_main_job_trains_and_the_loss_falls(tmp_path):
     assert config["world_size"] == 1 and config["versions"]["torch"] == torch.__version__
     # secrets are masked in config.json, token ids and counts are not (their names hold "token")
     assert config["tokens_per_step"] == 4 * 128 and config["model_config"]["eos_token_id"] == 256
-    assert config["model_config"]["bos_token_id"] == config["model_config"]["pad_token_id"] == 256
+    assert config["model_config"]["bos_token_id"] == 256 and config["model_config"]["pad_token_id"] == 257
 
 
 def test_the_command_line_names_every_size_and_memory_implementation():
