@@ -26,7 +26,12 @@ def test_default_memory_binds_keys_to_values_on_two_seeds():
     # Each seed must pass the bag of values (~56%) by a wide margin, and one must reach 90%: which
     # seed of a 600-step run crosses 90% first depends on float rounding that differs between CPUs
     # and thread counts (bench/RESULTS.md has the six-seed table), binding itself does not.
-    results = [train_recall(MonetaConfig(**SIZE), seed=seed, stop_at=0.9, **BUDGET) for seed in (0, 1)]
+    first = train_recall(MonetaConfig(**SIZE), seed=0, stop_at=0.9, **BUDGET)
+    # Once one seed is at 90%, the other needs only to pass 75%: stop it there (CI time).
+    second = train_recall(
+        MonetaConfig(**SIZE), seed=1, stop_at=0.75 if first["best_accuracy"] >= 0.9 else 0.9, **BUDGET
+    )
+    results = [first, second]
     best = [result["best_accuracy"] for result in results]
     assert min(best) >= 0.75 and max(best) >= 0.9, [result["curve"] for result in results]
 
