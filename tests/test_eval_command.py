@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import lm_eval  # noqa: F401  (miras[test] installs it: missing is a failure, not a skip)
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,12 +98,11 @@ def task_folder(tmp_path):
 
 
 def test_the_lm_eval_command_line_scores_a_checkpoint_with_its_remote_code(tmp_path):
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra (installed with miras[test])")
     folder = tmp_path / "checkpoint"
     shutil.copytree(latest_checkpoint(trained_xs_run()), folder)
     tasks = task_folder(tmp_path)
-    lm_eval = shutil.which("lm_eval", path=os.path.dirname(sys.executable)) or "lm_eval"
-    command = [lm_eval, "--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True",
+    executable = shutil.which("lm_eval", path=os.path.dirname(sys.executable)) or "lm_eval"
+    command = [executable, "--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True",
                "--tasks", str(tasks / "miras_ll.yaml"), "--device", "cpu", "--batch_size", "1",
                "--output_path", str(tmp_path / "out"), "--log_samples"]  # fmt: skip
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
@@ -116,7 +116,6 @@ def test_the_lm_eval_command_line_scores_a_checkpoint_with_its_remote_code(tmp_p
 
 
 def test_miras_eval_tasks_hands_the_model_to_lm_eval(tmp_path, capsys):
-    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra (installed with miras[test])")
     folder = latest_checkpoint(trained_xs_run())
     tasks = task_folder(tmp_path)
     args = [str(folder), "--windows", "1", "--no-progress", "--tasks", "miras_ll", "--include-path", str(tasks)]

@@ -1,12 +1,10 @@
 """PEFT on MONETA: LoRA on `gate_proj` adapts the MLP's gate only, and prompt tuning's cached generation
 equals the full recomputation."""
 
-import pytest
+import peft  # miras[test] installs it: missing is a failure, not a skip
 import torch
 
 from miras import MonetaConfig, MonetaForCausalLM
-
-peft = pytest.importorskip("peft", reason="PEFT is an optional extra (installed with miras[test])")
 
 
 def tiny(seed=0):
