@@ -52,6 +52,7 @@ FIELDS_ADDED_LATER: dict[str, object] = {
     "value_norm_eps": 1e-6,
     "memory_init": "random",
     "spread_across_layers": False,
+    "alpha_init_spread": 1.0,
 }
 
 
@@ -82,6 +83,7 @@ class MonetaConfig(PreTrainedConfig):
         eta_init: float = 1.0,
         eta_init_spread: float = 10.0,
         alpha_init: float = 0.99,
+        alpha_init_spread: float = 1.0,
         lq_floor: float = 1e-6,
         smooth_lp: bool | None = None,
         sign_sharpness: float = 10.0,
@@ -123,6 +125,7 @@ class MonetaConfig(PreTrainedConfig):
         self.eta_init = eta_init
         self.eta_init_spread = eta_init_spread
         self.alpha_init = alpha_init
+        self.alpha_init_spread = alpha_init_spread
         self.lq_floor = lq_floor
         self.smooth_lp = smooth_lp
         self.sign_sharpness = sign_sharpness
@@ -219,6 +222,11 @@ class MonetaConfig(PreTrainedConfig):
         need(0 < number("eta_init") < self.eta_max, "eta_init", f"a number in (0, eta_max={self.eta_max})")
         need(number("eta_init_spread") >= 1, "eta_init_spread", "a number >= 1 (1 = every head starts at eta_init)")
         need(0 < number("alpha_init") < 1, "alpha_init", "a number in (0, 1)")
+        need(
+            number("alpha_init_spread") >= 1 and (1 - self.alpha_init) * self.alpha_init_spread < 1,
+            "alpha_init_spread",
+            f"a number >= 1 and below 1 / (1 - alpha_init) = {1 / (1 - self.alpha_init):g} (1 = every head at alpha_init)",
+        )
         need(number("lq_floor") > 0, "lq_floor", "a number > 0")
         need(number("memory_gain_init") > 0, "memory_gain_init", "a number > 0")
         need(

@@ -374,13 +374,16 @@ class MonetaPreTrainedModel(PreTrainedModel):
             init.zeros_(module.memory_ln_bias)
             etas = (config.eta_init * spread(config.eta_init_spread)).clamp(max=0.5 * config.eta_max)
             eta_bias = (-torch.log(config.eta_max / etas - 1.0)).float()  # eta_max * sigmoid(bias) = eta
-            alpha_bias = math.log(config.alpha_init / (1.0 - config.alpha_init))
+            # Forgetting rates 1 - alpha log-spaced the other way round: the weakest writers forget fastest
+            # (a local memory), the strongest keep the longest (alpha_init_spread; 1 = alpha_init everywhere).
+            forget = (1.0 - config.alpha_init) / spread(config.alpha_init_spread)
+            alpha_bias = torch.log((1.0 - forget) / forget).float()  # sigmoid(bias) = alpha
             if module.channelwise:
                 init.copy_(module.eta_up.bias, eta_bias.repeat_interleave(module.head_dim))
-                init.constant_(module.alpha_up.bias, alpha_bias)
+                init.copy_(module.alpha_up.bias, alpha_bias.repeat_interleave(module.head_dim))
             else:
                 init.copy_(module.eta_alpha_proj.bias[:heads], eta_bias)
-                init.constant_(module.eta_alpha_proj.bias[heads:], alpha_bias)
+                init.copy_(module.eta_alpha_proj.bias[heads:], alpha_bias)
         if isinstance(module, (MonetaMLP, MonetaMixer)):
             # GPT-2 style: residual-branch outputs scaled by 1/sqrt(2 * layers).
             out = module.down_proj if isinstance(module, MonetaMLP) else module.o_proj

@@ -2,6 +2,8 @@
 
 import copy
 
+import math
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -174,6 +176,8 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("memory_init", "zeros", "'identity' or 'random'"),
         ("value_norm", 1, "true or false"),
         ("value_norm_eps", 0.0, "> 0"),
+        ("alpha_init_spread", 0.5, ">= 1"),
+        ("alpha_init_spread", 100.0, "below 1 / \\(1 - alpha_init\\) = 100"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, accepted):
@@ -192,6 +196,19 @@ def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_or
         torch.testing.assert_close(etas, torch.tensor([0.001, 0.01 / 10 ** (1 / 3), 0.01 * 10 ** (1 / 3), 0.1]))
     flat = tiny_model(memory_gain_init_spread=1.0).model.layers[0].mixer.memory_ln_weight
     assert torch.all(flat == flat.new_tensor(0.3162))  # spread 1: every head at memory_gain_init
+
+
+def test_forgetting_rates_spread_the_other_way_round_so_the_strongest_writers_keep_longest():
+    model = tiny_model(alpha_init=0.99, alpha_init_spread=10.0)
+    for block in model.model.layers:
+        mixer = block.mixer
+        alphas = torch.sigmoid(mixer.eta_alpha_proj.bias[mixer.num_heads :].detach().double())
+        expected = 1 - 0.01 * torch.tensor([10.0, 10 ** (1 / 3), 10 ** (-1 / 3), 0.1], dtype=torch.float64)
+        torch.testing.assert_close(alphas, expected, rtol=0, atol=1e-6)
+        etas = mixer.eta_alpha_proj.bias[: mixer.num_heads].detach()
+        assert torch.all(etas[1:] >= etas[:-1]) and etas[-1] > etas[0]  # slowest to forget: the strongest writer
+    flat = tiny_model().model.layers[0].mixer.eta_alpha_proj.bias[4:].detach()
+    assert torch.all(flat == flat.new_tensor(math.log(0.99 / 0.01)))  # spread 1: every head at alpha_init
 
 
 def test_spread_across_layers_runs_one_range_over_every_head_in_layer_order():

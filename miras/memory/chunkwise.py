@@ -20,6 +20,8 @@ rules); `keep_intermediates` what the backward gets from the forward (torch_chun
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -108,11 +110,37 @@ def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask, i
     # 3. Pad to whole chunks with no-op tokens (eta = 0, alpha = 1) and split once.
     num_chunks = -(-total // b)
     pad = num_chunks * b - total
-    if pad:
-        q, k, v, eta, log_alpha = (_pad_time(t, pad) for t in (q, k, v, eta, log_alpha))
     if lengths is None and pad:
         lengths = torch.full((batch,), total, device=q.device, dtype=torch.long)
+    op_rule = rule
+    short = _short_chunk(total, b) if impl != "triton" else b
+    if short < b:
+        # The whole segment is one open chunk: computing it padded to `short` instead of b is the same math
+        # (the padding is causal no-ops after the last token, and an open chunk is never committed), at
+        # short/b of the cost: a recall probe or a short prompt is 12 tokens, not 64. The state still
+        # keeps b slots, so _finish gets the inputs padded to b.
+        op_rule = dataclasses.replace(rule, chunk_size=short)
+        q, k, v, eta, log_alpha = (_pad_time(t, short - total) for t in (q, k, v, eta, log_alpha))
+        op_inputs = (q, k, v, eta, log_alpha)
+        k, v, eta, log_alpha = (_pad_time(t, b - short) for t in (k, v, eta, log_alpha))
+    else:
+        if pad:
+            q, k, v, eta, log_alpha = (_pad_time(t, pad) for t in (q, k, v, eta, log_alpha))
+        op_inputs = (q, k, v, eta, log_alpha)
     a1, a2 = state.a1.to(q.dtype), state.a2.to(q.dtype)
+    y, a1, a2 = _run_chunks(*op_inputs, a1, a2, gamma, beta, lengths, op_rule, impl, keep, channelwise)
+    return _finish(y, a1, a2, k, v, eta, log_alpha, lengths, total, prefix, inverse, valid, num_chunks, rule)
+
+
+def _short_chunk(total: int, b: int) -> int:
+    """The chunk a segment of `total` tokens runs in when it is all one open chunk: total plus at least one
+    no-op slot (so the chunk stays open), rounded up to 8; b when that is not shorter."""
+    return min(b, (total // 8 + 1) * 8)
+
+
+def _run_chunks(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, impl, keep, channelwise):
+    """Reads and final accumulators of the padded chunk sequence, by the implementation `impl` names."""
+    num_chunks = q.shape[2] // rule.chunk_size
     if impl == "triton":
         from .triton_chunk import triton_memory  # imports triton: only when this path runs
 
@@ -121,7 +149,7 @@ def _chunkwise_memory(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask, i
         y, a1, a2 = torch_memory(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, keep, impl == "compiled")
     else:
         y, a1, a2 = _autograd_chunks(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, num_chunks)
-    return _finish(y, a1, a2, k, v, eta, log_alpha, lengths, total, prefix, inverse, valid, num_chunks, rule)
+    return y, a1, a2
 
 
 def _autograd_chunks(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, num_chunks):

@@ -67,7 +67,8 @@ def run_both(x, rule, channelwise, mask=None, impl="torch"):
 
 
 @pytest.mark.parametrize("channelwise", [False, True])
-@pytest.mark.parametrize("chunk_size,length", [(1, 7), (4, 23), (16, 37), (64, 23), (64, 70)])
+# (64, 23) and (64, 8): one open chunk, which runs padded to 24 and 16 slots, not 64 (chunkwise._short_chunk).
+@pytest.mark.parametrize("chunk_size,length", [(1, 7), (4, 23), (16, 37), (64, 8), (64, 23), (64, 70)])
 def test_chunkwise_equals_token_loop(chunk_size, length, channelwise):
     rule = RuleConfig(chunk_size=chunk_size)
     x = memory_inputs(length=length, channelwise=channelwise)
@@ -158,13 +159,16 @@ def test_gradcheck_tiny(channelwise):
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-5)
 
 
+# Chunk 64: the whole 37 tokens and each first segment are one open chunk (the short path), and each second
+# segment starts inside the carried open chunk.
+@pytest.mark.parametrize("chunk_size", [8, 64])
 @pytest.mark.parametrize("split", [1, 5, 16, 17, 30])
-def test_segments_with_carried_state_equal_one_pass(split):
-    rule = RuleConfig(chunk_size=8)
+def test_segments_with_carried_state_equal_one_pass(split, chunk_size):
+    rule = RuleConfig(chunk_size=chunk_size)
     x = memory_inputs(length=37)
     args = ("q", "k", "v", "eta", "log_alpha")
     leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
-    state = initial_state(leaves, 8)
+    state = initial_state(leaves, chunk_size)
     y, final = chunkwise_memory(*(leaves[n] for n in args), state, leaves["gamma"], leaves["beta"], rule)
     first, middle = chunkwise_memory(
         *(time_slice(leaves, 0, split)[n] for n in args), state, leaves["gamma"], leaves["beta"], rule
