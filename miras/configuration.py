@@ -225,7 +225,7 @@ class MonetaConfig(PreTrainedConfig):
         need(
             number("alpha_init_spread") >= 1 and (1 - self.alpha_init) * self.alpha_init_spread < 1,
             "alpha_init_spread",
-            f"a number >= 1 and below 1 / (1 - alpha_init) = {1 / (1 - self.alpha_init):g} (1 = every head at alpha_init)",
+            f"a number >= 1 and below 1 / (1 - alpha_init) = {1 / (1 - self.alpha_init):g} (1 = alpha_init everywhere)",
         )
         need(number("lq_floor") > 0, "lq_floor", "a number > 0")
         need(number("memory_gain_init") > 0, "memory_gain_init", "a number > 0")

@@ -15,6 +15,7 @@ copies the dynamic module's files); a folder saved by miras gets it from `write_
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 from pathlib import Path
@@ -80,7 +81,18 @@ def _optional(statement: str) -> str:
 
 
 def flattened_sources(root: str = ROOT_MODULE) -> dict[str, str]:
-    """{file name: source} for `root` and every module it imports relatively, imports rewritten to flat names."""
+    """{file name: source} for `root` and every module it imports relatively, imports rewritten to flat names.
+
+    Read and parsed once per process, the first time it is asked for (the Checkpointer asks when it is
+    made, on the main thread): a checkpoint's code is then the code this process imported, and the
+    background thread that writes checkpoints never runs ast.parse, which, while the training thread ran,
+    failed a save with CPython's "AST constructor recursion depth mismatch".
+    """
+    return dict(_flattened(root))
+
+
+@functools.cache
+def _flattened(root: str) -> tuple[tuple[str, str], ...]:
     sources: dict[str, str] = {}
     pending = [root]
     while pending:
@@ -104,7 +116,7 @@ def flattened_sources(root: str = ROOT_MODULE) -> dict[str, str]:
                 first, last = node.lineno - 1, node.end_lineno
                 lines[first:last] = [_optional("".join(lines[first:last]))] + [""] * (last - first - 1)
         sources[f"{name}.py"] = "".join(lines)
-    return sources
+    return tuple(sources.items())
 
 
 def write_model_code(folder: str | Path) -> list[str]:

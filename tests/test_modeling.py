@@ -1,7 +1,6 @@
 """MonetaForCausalLM: decoding, segments, padding, save/load, training stability, config checks."""
 
 import copy
-
 import math
 
 import pytest

@@ -31,6 +31,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..remote_code import flattened_sources
 from ..storage import StorageError, open_backend, redact
 from ..storage.base import one_line
 from .catalog import committed, describe, find_resumable
@@ -137,6 +138,7 @@ class CheckpointError(Exception):
 class Checkpointer:
     def __init__(self, settings: CheckpointSettings, topology: Topology | None = None, log: Callable = print):
         self.settings, self.topology, self.log = settings, topology or Topology(), log
+        flattened_sources()  # the model code every checkpoint carries, parsed here on the main thread (remote_code.py)
         t = self.topology
         self.folder = checkpoints_dir(settings.run_dir)
         s = settings

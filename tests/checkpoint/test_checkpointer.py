@@ -125,3 +125,23 @@ def test_a_restored_trainer_continues_from_what_was_saved(tmp_path):
     for key, value in restored.optimizer.state_dict()["state"][0].items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0)
     again.close()
+
+
+def test_the_committer_thread_never_parses_code_once_the_checkpointer_exists(tmp_path, monkeypatch):
+    # ast.parse in the background commit, while the loop ran, once failed a save under load ("AST constructor
+    # recursion depth mismatch"): the model code is read and parsed when the Checkpointer is made, on this thread.
+    from miras import remote_code
+
+    remote_code._flattened.cache_clear()
+    ckpt, state = checkpointer(tmp_path), trainer()
+
+    def no_reading(module):
+        raise AssertionError(f"{module} read after the Checkpointer was made")
+
+    monkeypatch.setattr(remote_code, "_source_path", no_reading)
+    ckpt.open()
+    step(state)
+    ckpt.save(state, milestone=False)
+    ckpt.close(finished=True)
+    (folder,) = committed(tmp_path / "run" / "checkpoints")
+    assert (folder / "modeling_moneta.py").is_file() and (folder / "configuration_moneta.py").is_file()
