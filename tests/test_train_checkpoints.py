@@ -201,16 +201,16 @@ KILL_POINTS = [
 def test_killed_at_random_moments_and_inside_commits_on_every_rank_it_always_resumes_from_the_newest_complete_one(
     tmp_path,
 ):
-    """12 SIGKILLs of the whole process tree (torchrun and both workers, as a preemption would): 9 with a rank
-    frozen at a point of a save or commit, 3 at random moments of training, where with a checkpoint every
-    step most land in a commit too. Every start resumes from the newest checkpoint that verifies, and the run
-    reads as one (one metrics row per step)."""
+    """10 SIGKILLs of the whole process tree (torchrun and both workers, as a preemption would): 9 with a rank
+    frozen at a point of a save or commit, 1 at a random moment of training, where with a checkpoint every
+    step it most likely lands in a commit too. Every start resumes from the newest checkpoint that verifies,
+    and the run reads as one (one metrics row per step)."""
     rng = random.Random(7)
     steps = 40  # more than the killed attempts can reach, so every attempt is really killed
     args = [*TINY, "--max-steps", str(steps), "--ckpt-every-steps", "1", "--output-dir", str(tmp_path),
             "--run-name", "chaos", "--resume", "auto"]  # fmt: skip
     run_dir = tmp_path / "chaos"
-    faults = [f"{point}:stop@{rng.randint(1, 2)}" for point in KILL_POINTS] + [None] * 3
+    faults = [f"{point}:stop@{rng.randint(1, 2)}" for point in KILL_POINTS] + [None]
     rng.shuffle(faults)
     kills = 0
     for attempt, fault in enumerate(faults):
@@ -242,7 +242,7 @@ def test_killed_at_random_moments_and_inside_commits_on_every_rank_it_always_res
         assert process.returncode != 0, output[-3000:]
         if expected:  # every attempt gets as far as choosing its checkpoint before it is killed
             assert f"resuming from {expected}" in output, output[-3000:]
-    assert kills >= 10
+    assert kills >= len(faults) - 1
     expected = newest_valid(run_dir)
     final = run(args, 2)
     assert final.returncode == 0, final.stdout[-2000:] + final.stderr[-2000:]
