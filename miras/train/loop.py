@@ -103,11 +103,17 @@ def train(args, hooks: Hooks | None = None) -> int:
         if main_process:
             say(f"{args.run_name}: already finished ({run_dir / FINISHED_NAME}); nothing to do")
         return 0
-    if start.trainer_state is not None:
-        data.tokenizer = resumed_tokenizer(args, start.resume, data.tokenizer)
-    model_config = build_model_config(args, data.tokenizer)
-    if start.trainer_state is not None:
-        check_resume_compatible(args, start.resume, start.trainer_state, model_config, world_size)
+    try:
+        if start.trainer_state is not None:
+            data.tokenizer = resumed_tokenizer(args, start.resume, data.tokenizer)
+        model_config = build_model_config(args, data.tokenizer)
+        if start.trainer_state is not None:
+            check_resume_compatible(args, start.resume, start.trainer_state, model_config, world_size)
+    except TrainingStopped:
+        # A refused resume leaves the run as it found it: its lock (and lease) released now, not when the
+        # process ends, which matters to a caller that runs main() again in the same process.
+        checkpointer.close()
+        raise
 
     model = build_model(args, model_config, start)
     model_config = model.config
