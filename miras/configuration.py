@@ -8,7 +8,7 @@ Choices the paper leaves open, decided once here (docs/model.md, "Model choices"
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
   biases start alpha at `alpha_init` (0.99) and eta log-spaced over the heads around `eta_init`;
 - defaults chosen so that the memory binds keys to values (bench/RESULTS.md, "Memory defaults"):
-  writes of eta 0.1-1.5 out of a maximum of 3 (`eta_init` 1, spread 10 over a layer's heads), read
+  writes of eta 0.05-1.5 out of a maximum of 3 (`eta_init` 0.5, spread 10 over a layer's heads), read
   gains 0.1-1 (`memory_gain_init` 0.3162, spread 3.162) and each head's value RMS-normalised
   (`value_norm`). With the earlier weak writes (eta 0.001-0.1, gain 0.1) recall settled at the bag
   of values and the language model learned as well with the memory read off;
@@ -80,7 +80,7 @@ class MonetaConfig(PreTrainedConfig):
         channelwise_gates: bool = False,
         gate_rank: int = 32,
         eta_max: float = 3.0,
-        eta_init: float = 1.0,
+        eta_init: float = 0.5,
         eta_init_spread: float = 10.0,
         alpha_init: float = 0.99,
         alpha_init_spread: float = 1.0,
