@@ -63,8 +63,9 @@ def main_here(args, capsys, lock_free=True):
         AcceleratorState._reset_state(reset_partial_state=True)
         os.environ.clear()
         os.environ.update(saved)
-    run_dir = Path(args[args.index("--output-dir") + 1]) / args[args.index("--run-name") + 1]
-    if lock_free and run_dir.exists():
+    named = "--output-dir" in args and "--run-name" in args
+    run_dir = Path(args[args.index("--output-dir") + 1]) / args[args.index("--run-name") + 1] if named else None
+    if lock_free and run_dir is not None and run_dir.exists():
         lock = RunLock(run_dir)
         lock.acquire()  # raises RunLockedError while this process still holds it
         lock.release()

@@ -5,10 +5,10 @@ import json
 import shutil
 
 from miras.checkpoint.catalog import committed
-from tests.test_train_checkpoints import TINY, losses, run
+from tests.test_train_checkpoints import TINY, losses, refused_here, run
 
 
-def test_a_fresh_machine_resumes_from_the_remote_copy_bit_identically(tmp_path):
+def test_a_fresh_machine_resumes_from_the_remote_copy_bit_identically(tmp_path, capsys):
     remote = tmp_path / "remote"
     common = [*TINY, "--max-steps", "6", "--ckpt-every-steps", "2", "--output-dir", str(tmp_path / "local")]
     straight = run([*common, "--run-name", "straight"])
@@ -26,10 +26,10 @@ def test_a_fresh_machine_resumes_from_the_remote_copy_bit_identically(tmp_path):
 
     # A new machine: the dead one's lease on the remote run is still fresh, so it is refused (exit 5, one
     # line naming the holder) until the lease expires, or it is told to take over.
-    refused = run(synced)
-    assert refused.returncode == 5, refused.stderr[-2000:]
-    assert refused.stderr.strip().splitlines()[-1].startswith(f"miras train: error: --sync-to: {remote}/r is held by")
-    assert str(tmp_path / "local" / "r") in refused.stderr and "--takeover" in refused.stderr
+    code, stderr = refused_here(synced, capsys)  # in this process; its lock must be free afterwards
+    assert code == 5, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith(f"miras train: error: --sync-to: {remote}/r is held by")
+    assert str(tmp_path / "local" / "r") in stderr and "--takeover" in stderr
     assert not (tmp_path / "local" / "r" / "checkpoints").exists()  # nothing pulled before the lease was held
     resumed = run([*synced, "--takeover"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -57,11 +57,11 @@ def test_the_seed_gdrive_flags_mean_an_rclone_destination():
     assert args.sync_to == ["rclone://gdrive/research/papers/miras/runs"]
 
 
-def test_a_destination_down_for_the_whole_run_leaves_training_and_local_checkpoints_intact(tmp_path):
+def test_a_destination_down_for_the_whole_run_leaves_training_and_local_checkpoints_intact(tmp_path, capsys):
     args = [*TINY, "--max-steps", "4", "--ckpt-every-steps", "2", "--output-dir", str(tmp_path), "--run-name", "d"]
     args += ["--sync-to", f"testfs://{tmp_path / 'remote'}", "--storage-option", "testfs.down=true"]
-    refused = run(args)
-    assert refused.returncode == 2 and "--sync-optional" in refused.stderr.strip().splitlines()[-1]
+    code, stderr = refused_here(args, capsys)
+    assert code == 2 and "--sync-optional" in stderr.strip().splitlines()[-1]
     assert not (tmp_path / "d").exists()  # failed fast, nothing written
 
     result = run([*args, "--sync-optional", "--sync-timeout", "1"])
@@ -73,8 +73,9 @@ def test_a_destination_down_for_the_whole_run_leaves_training_and_local_checkpoi
     assert (tmp_path / "d" / "finished").exists()
 
 
-def test_an_unknown_scheme_is_one_line_and_exit_2(tmp_path):
-    result = run([*TINY, "--max-steps", "1", "--output-dir", str(tmp_path), "--sync-to", "nosuch://x/y"])
-    assert result.returncode == 2
-    last = result.stderr.strip().splitlines()[-1]
-    assert "nosuch" in last and "file" in last and "Traceback" not in result.stderr
+def test_an_unknown_scheme_is_one_line_and_exit_2(tmp_path, capsys):
+    code, stderr = refused_here([*TINY, "--max-steps", "1", "--output-dir", str(tmp_path), "--sync-to", "nosuch://x/y"],
+                                capsys)  # fmt: skip
+    assert code == 2
+    last = stderr.strip().splitlines()[-1]
+    assert "nosuch" in last and "file" in last and "Traceback" not in stderr
