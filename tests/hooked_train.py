@@ -6,10 +6,12 @@ model's logits at each checkpoint, the gradients of one step, a poisoned loss.
 (also under torchrun: `torchrun ... -m tests.hooked_train ...`; the repository root must be importable, e.g.
 PYTHONPATH). With --record, each rank writes DIR/rank{r}.json (its world size, the first 16 tokens of every
 row it read, the loss of every logged row) and DIR/weights_rank{r}.pt; rank 0 writes DIR/logits_step{N}.pt
-before each checkpoint; --gradients-at-step writes DIR/gradients_rank{r}.pt."""
+before each checkpoint; --gradients-at-step writes DIR/gradients_rank{r}.pt; once the run has returned, each rank
+writes DIR/exit_rank{r}.json (how many FSDP2-wrapped modules it left alive)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -91,7 +93,15 @@ def run(argv: list[str]) -> int:
         int(values.get("--nan-at-step", 0)),
         int(values.get("--gradients-at-step", 0)),
     )
-    return main(train_args, hooks=recorder)
+    code = main(train_args, hooks=recorder)
+    if recorder.directory is not None and recorder.record:
+        from torch.distributed.fsdp import FSDPModule
+
+        # Left alive, a sharded model keeps the process group for the interpreter's exit (miras.train.loop.run).
+        alive = sum(1 for o in gc.get_objects() if isinstance(o, FSDPModule))
+        exit_record = {"fsdp_modules_alive": alive}
+        (recorder.directory / f"exit_rank{recorder.record['rank']}.json").write_text(json.dumps(exit_record))
+    return code
 
 
 if __name__ == "__main__":

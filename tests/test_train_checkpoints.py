@@ -171,6 +171,8 @@ def test_fsdp2_shards_parameters_matches_ddp_and_resumes_bit_identically(tmp_pat
     for rank in (0, 1):
         recorded = json.loads((tmp_path / "fsdp_rec" / f"rank{rank}.json").read_text())
         assert recorded["world_size"] == 2 and recorded["sharded"] is True  # DTensor shards on each rank
+        # Nothing sharded outlives the run into the interpreter's exit, where gloo could abort the process.
+        assert json.loads((tmp_path / "fsdp_rec" / f"exit_rank{rank}.json").read_text())["fsdp_modules_alive"] == 0
     ddp_losses, fsdp_losses = losses(tmp_path / "ddp"), losses(tmp_path / "fsdp")
     assert [s for s, _ in fsdp_losses] == [s for s, _ in ddp_losses]
     for (_, a), (_, b) in zip(ddp_losses, fsdp_losses):

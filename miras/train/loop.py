@@ -9,6 +9,7 @@ on the step, token or time budget or a signal.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -81,6 +82,10 @@ def run(args, hooks: Hooks | None = None) -> int:
         return EXIT_DISK_FULL
     finally:
         _leave_process_group()
+        # An FSDP2-wrapped model is cyclic garbage once train() returns, and it holds the device mesh and with it
+        # the gloo process group: left to the interpreter's exit, gloo's threads can abort a finished worker
+        # (SIGABRT after "done", seen now and then in the suite). Collected here, while the interpreter is whole.
+        gc.collect()
 
 
 def train(args, hooks: Hooks | None = None) -> int:
