@@ -214,7 +214,7 @@ start_training() {
     local loop_pid_file=$LOG_DIR/run_loop-$run_name.pid pid
     if [ -f "$loop_pid_file" ]; then
         pid=$(cat "$loop_pid_file")
-        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && grep -q run_loop "/proc/$pid/cmdline" 2>/dev/null; then
+        if [ -n "$pid" ] && loop_started "$pid"; then
             log "training loop for '$run_name' already running (pid $pid)"
             return 0
         fi
@@ -245,7 +245,33 @@ start_training() {
     MIRAS_ENV_FILE=$ENV_FILE MIRAS_TRAIN_PID_FILE=$LOG_DIR/train-$run_name.pid \
         nohup setsid bash "$PROJECT_DIR/vast/run_loop.sh" "$marker" "${cmd[@]}" "${args[@]}" --resume auto \
         >>"$train_log" 2>&1 </dev/null &
-    echo $! >"$loop_pid_file"
+    pid=$!
+    echo "$pid" >"$loop_pid_file"
+    # Until nohup and setsid have exec'd, the background job is a copy of this shell outside any session of
+    # its own: a next on-start would not recognise it, and a signal to its group would reach nothing. On a
+    # loaded machine that lasts long enough to matter, so return only once the loop leads its own session.
+    local waited=0
+    until loop_started "$pid"; do
+        if ! kill -0 "$pid" 2>/dev/null; then
+            log "warning: the training loop ended at once (see $train_log)"
+            return 0
+        fi
+        if [ "$waited" -ge 300 ]; then
+            log "warning: the training loop (pid $pid) has not started after 30 s (see $train_log)"
+            return 0
+        fi
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+}
+
+# True when PID runs vast/run_loop.sh as the leader of its own session (setsid done).
+loop_started() {
+    local stat fields
+    grep -q run_loop "/proc/$1/cmdline" 2>/dev/null || return 1
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    read -r -a fields <<<"${stat##*) }"  # after "PID (COMM) ": state ppid pgrp session ...
+    [ "${fields[3]:-}" = "$1" ]
 }
 
 log "project $PROJECT_DIR, workspace $WORKSPACE"

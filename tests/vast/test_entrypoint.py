@@ -1,12 +1,15 @@
 import base64
 import hashlib
 import json
+import os
+import shutil
+import signal
 import stat
 import subprocess
 
 import pytest
 
-from tests.vast.helpers import clean_env, run_script
+from tests.vast.helpers import clean_env, process_alive, run_script
 
 PRIVATE_KEY = "-----BEGIN PRIVATE KEY-----\\nFAKE-KEY-MATERIAL-0123456789\\n-----END PRIVATE KEY-----\\n"
 KEY_JSON = json.dumps(
@@ -146,3 +149,31 @@ def test_finished_run_is_not_started_again(tmp_path, workspace):
     result = run_script("entrypoint.sh", env)
     assert result.returncode == 0 and "is finished" in result.stdout
     assert not (workspace / "logs" / "run_loop-done.pid").exists()
+
+
+def test_a_slow_to_start_loop_is_running_in_its_own_session_when_the_on_start_returns(tmp_path, workspace):
+    """Until setsid has run, the background loop is a copy of the entrypoint's shell: a next on-start would
+    start a second loop and a signal to the loop's group would reach nothing. A setsid that takes 2 s (as on
+    a loaded machine) must not open that window: the on-start returns once the loop leads its own session."""
+    slow_bin = tmp_path / "slow-bin"
+    slow_bin.mkdir()
+    (slow_bin / "setsid").write_text(f'#!/bin/sh\nsleep 2\nexec {shutil.which("setsid")} "$@"\n')
+    (slow_bin / "setsid").chmod(0o755)
+    runs = tmp_path / "runs"
+    env = entrypoint_env(
+        tmp_path,
+        workspace,
+        PATH=f"{slow_bin}:{os.environ['PATH']}",
+        MIRAS_TRAIN_ARGS=f"--run-name slow --output-dir {runs}",
+        MIRAS_TRAIN_CMD="sleep 60",
+    )
+    started = run_script("entrypoint.sh", env)
+    assert started.returncode == 0, started.stderr
+    loop_pid = int((workspace / "logs" / "run_loop-slow.pid").read_text())
+    try:
+        assert os.getsid(loop_pid) == loop_pid
+        again = run_script("entrypoint.sh", env)
+        assert again.returncode == 0 and f"already running (pid {loop_pid})" in again.stdout
+    finally:
+        if process_alive(loop_pid):
+            os.killpg(loop_pid, signal.SIGTERM)

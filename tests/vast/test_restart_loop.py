@@ -1,6 +1,7 @@
 """The on-start command's restart loop on a real tiny training run: killed mid-run, it restarts training
 with --resume auto, and it stops once the run's `finished` marker exists."""
 
+import contextlib
 import os
 import signal
 import sys
@@ -76,4 +77,5 @@ def test_loop_resumes_after_a_kill_and_stops_at_finished(tmp_path):
         assert after.returncode == 0 and "is finished" in after.stdout
     finally:
         if process_alive(loop_pid):
-            os.killpg(loop_pid, signal.SIGTERM)  # the loop runs in its own session (setsid)
+            with contextlib.suppress(ProcessLookupError):  # it may end between the check and the kill
+                os.killpg(loop_pid, signal.SIGTERM)  # the loop runs in its own session (setsid)
