@@ -161,6 +161,11 @@ class MonetaMixer(nn.Module):
         self.memory_a2 = nn.Parameter(torch.empty(heads, width, dh))
         self.memory_ln_weight = nn.Parameter(torch.ones(heads, dh))
         self.memory_ln_bias = nn.Parameter(torch.zeros(heads, dh))
+        # r in the read q + r (M(q) - q) (configuration.py, memory_read_gain_init); None in models saved before it.
+        if config.memory_read_gain_init is None:
+            self.register_parameter("memory_read_gain", None)
+        else:
+            self.memory_read_gain = nn.Parameter(torch.full((heads,), float(config.memory_read_gain_init)))
         self.out_norm = MonetaRMSNorm((heads, dh), config.norm_eps)
         self.out_gate_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
@@ -253,6 +258,8 @@ class MonetaMixer(nn.Module):
             state = MemoryState.initial(self.memory_a1, self.memory_a2, batch, self.rule.chunk_size, self.channelwise)
         decoding = length == 1 and cache is not None and not torch.is_grad_enabled()
         y, new_state = self.read_memory(q, k, v, eta, log_alpha, state, mask, decoding, checkpointed)
+        if self.memory_read_gain is not None:
+            y = q + self.memory_read_gain.to(y.dtype)[:, None, None] * (y - q)
         if cache is not None:
             cache.conv_states[self.layer_idx] = new_conv_state
             cache.memory_states[self.layer_idx] = new_state
@@ -372,6 +379,8 @@ class MonetaPreTrainedModel(PreTrainedModel):
             gains = config.memory_gain_init * spread(config.memory_gain_init_spread)
             init.copy_(module.memory_ln_weight, gains.float()[:, None].expand(heads, module.head_dim))
             init.zeros_(module.memory_ln_bias)
+            if module.memory_read_gain is not None:
+                init.constant_(module.memory_read_gain, config.memory_read_gain_init)
             etas = (config.eta_init * spread(config.eta_init_spread)).clamp(max=0.5 * config.eta_max)
             eta_bias = (-torch.log(config.eta_max / etas - 1.0)).float()  # eta_max * sigmoid(bias) = eta
             # Forgetting rates 1 - alpha log-spaced the other way round: the weakest writers forget fastest

@@ -25,9 +25,9 @@ def random_ids(batch, length, seed=1, vocab=101):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("channelwise", [False, True])
-def test_decoding_with_cache_matches_full_forward_at_every_position(channelwise):
-    model = tiny_model(channelwise_gates=channelwise)
+@pytest.mark.parametrize("channelwise, read_gain", [(False, None), (True, None), (False, 0.1)])
+def test_decoding_with_cache_matches_full_forward_at_every_position(channelwise, read_gain):
+    model = tiny_model(channelwise_gates=channelwise, memory_read_gain_init=read_gain)
     ids = random_ids(2, 37)  # chunk 8: four boundaries and an open chunk
     with torch.no_grad():
         full = model(ids).logits
@@ -171,6 +171,7 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("memory_checkpoint_group", -1, "integer >= 0"),
         ("memory_gain_init_spread", 0.5, ">= 1"),
         ("memory_out_init_scale", 0.0, "> 0"),
+        ("memory_read_gain_init", 0.0, "None \\(no read gain\\) or a number > 0"),
         ("memory_impl", "cuda", "one of auto, torch, compiled, triton"),
         ("memory_init", "zeros", "'identity' or 'random'"),
         ("value_norm", 1, "true or false"),
@@ -193,8 +194,60 @@ def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_or
         torch.testing.assert_close(gains[:, 0], torch.tensor([0.01, 0.1 / 10 ** (1 / 3), 0.1 * 10 ** (1 / 3), 1.0]))
         etas = torch.sigmoid(mixer.eta_alpha_proj.bias[: mixer.num_heads].detach())
         torch.testing.assert_close(etas, torch.tensor([0.001, 0.01 / 10 ** (1 / 3), 0.01 * 10 ** (1 / 3), 0.1]))
-    flat = tiny_model(memory_gain_init_spread=1.0).model.layers[0].mixer.memory_ln_weight
+    flat = tiny_model(memory_gain_init=0.3162, memory_gain_init_spread=1.0).model.layers[0].mixer.memory_ln_weight
     assert torch.all(flat == flat.new_tensor(0.3162))  # spread 1: every head at memory_gain_init
+    assert tiny_model().model.layers[0].mixer.memory_read_gain is None  # no outer read gain by default
+    parted = tiny_model(memory_gain_init=1.0, memory_gain_init_spread=1.0, memory_read_gain_init=0.1)
+    assert torch.all(parted.model.layers[0].mixer.memory_ln_weight == 1.0)
+    assert torch.all(parted.model.layers[0].mixer.memory_read_gain == 0.1)
+
+
+def mixer_reads(model, ids):
+    """Each mixer's query and read (what goes into its output norm) for one forward pass."""
+    captured = []
+    hooks = [
+        block.mixer.out_norm.register_forward_pre_hook(lambda module, args: captured.append(args[0].transpose(1, 2)))
+        for block in model.model.layers
+    ]
+    queries = []
+    for block in model.model.layers:
+        original = block.mixer.read_memory
+
+        def spy(q, *args, _original=original, **kwargs):
+            queries.append(q)
+            return _original(q, *args, **kwargs)
+
+        block.mixer.read_memory = spy
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    return queries, captured
+
+
+def test_the_read_gain_scales_what_the_memory_adds_to_the_query_and_nothing_else():
+    """q + r (M(q) - q): r = 1 is the model without a read gain (None, as saved before it existed), r = 0.25
+    a quarter of the same memory's contribution, with the writes (the states after the segment) unchanged."""
+    ids = random_ids(2, 21)
+    none, one, quarter = (tiny_model(memory_read_gain_init=r) for r in (None, 1.0, 0.25))
+    assert none.model.layers[0].mixer.memory_read_gain is None
+    assert "model.layers.0.mixer.memory_read_gain" not in none.state_dict()
+    one.load_state_dict(none.state_dict(), strict=False)
+    with torch.no_grad():
+        torch.testing.assert_close(one(ids).logits, none(ids).logits, rtol=0, atol=0)
+    # The first layer sees the same input in both models, so its reads compare directly.
+    (q_none, *_), (y_none, *_) = mixer_reads(none, ids)
+    (q_quarter, *_), (y_quarter, *_) = mixer_reads(quarter, ids)
+    torch.testing.assert_close(q_quarter, q_none, rtol=0, atol=0)
+    torch.testing.assert_close(y_quarter - q_quarter, 0.25 * (y_none - q_none), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        states = [m(ids[:, :16], use_cache=True).cache.memory_states[0] for m in (none, quarter)]
+    for field in ("a1", "a2"):
+        torch.testing.assert_close(getattr(states[1], field), getattr(states[0], field), rtol=0, atol=0)
+    # The gain learns like any other parameter.
+    quarter.train()
+    quarter(ids, labels=ids).loss.backward()
+    assert all(block.mixer.memory_read_gain.grad.abs().min() > 0 for block in quarter.model.layers)
 
 
 def test_forgetting_rates_spread_the_other_way_round_so_the_strongest_writers_keep_longest():
