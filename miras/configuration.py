@@ -54,6 +54,7 @@ FIELDS_ADDED_LATER: dict[str, object] = {
     "spread_across_layers": False,
     "alpha_init_spread": 1.0,
     "memory_read_gain_init": None,
+    "memory_read_gain_init_spread": 1.0,
 }
 
 
@@ -93,6 +94,7 @@ class MonetaConfig(PreTrainedConfig):
         memory_gain_init: float = 0.3162,
         memory_gain_init_spread: float = 3.162,
         memory_read_gain_init: float | None = None,
+        memory_read_gain_init_spread: float = 1.0,
         memory_out_init_scale: float = 1.0,
         memory_init: str = "random",
         spread_across_layers: bool = False,
@@ -141,6 +143,9 @@ class MonetaConfig(PreTrainedConfig):
         # its read starts small. With memory_gain_init=1, memory_gain_init_spread=1 and r = 0.1 the language
         # model pays nothing for the memory, but recall binds on 4 of 6 seeds, not 6 (bench/RESULTS.md).
         self.memory_read_gain_init = memory_read_gain_init
+        # Read gains log-spaced over [r / spread, r * spread] across a layer's heads, in the head order of the
+        # eta and memory-gain spreads (the strongest writer reads loudest); 1 = r everywhere.
+        self.memory_read_gain_init_spread = memory_read_gain_init_spread
         # Scales the initial accumulator of the memory's output matrix (A1_0, W1 in
         # M(x) = x + LN(W1 gelu(W2 x))). The LayerNorm makes the read blind to W1's scale, but a write's
         # size next to the initial read goes as eta / scale^2 when q = 2 (W = A): a smaller W1_0 lets
@@ -246,6 +251,11 @@ class MonetaConfig(PreTrainedConfig):
             self.memory_read_gain_init is None or number("memory_read_gain_init") > 0,
             "memory_read_gain_init",
             "None (no read gain) or a number > 0",
+        )
+        need(
+            number("memory_read_gain_init_spread") >= 1,
+            "memory_read_gain_init_spread",
+            "a number >= 1 (1 = every head starts at memory_read_gain_init)",
         )
         need(isinstance(self.value_norm, bool), "value_norm", "true or false")
         need(self.memory_init in ("identity", "random"), "memory_init", "'identity' or 'random'")

@@ -380,7 +380,8 @@ class MonetaPreTrainedModel(PreTrainedModel):
             init.copy_(module.memory_ln_weight, gains.float()[:, None].expand(heads, module.head_dim))
             init.zeros_(module.memory_ln_bias)
             if module.memory_read_gain is not None:
-                init.constant_(module.memory_read_gain, config.memory_read_gain_init)
+                reads = config.memory_read_gain_init * spread(config.memory_read_gain_init_spread)
+                init.copy_(module.memory_read_gain, reads.float())
             etas = (config.eta_init * spread(config.eta_init_spread)).clamp(max=0.5 * config.eta_max)
             eta_bias = (-torch.log(config.eta_max / etas - 1.0)).float()  # eta_max * sigmoid(bias) = eta
             # Forgetting rates 1 - alpha log-spaced the other way round: the weakest writers forget fastest

@@ -172,6 +172,7 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("memory_gain_init_spread", 0.5, ">= 1"),
         ("memory_out_init_scale", 0.0, "> 0"),
         ("memory_read_gain_init", 0.0, "None \\(no read gain\\) or a number > 0"),
+        ("memory_read_gain_init_spread", 0.9, ">= 1 \\(1 = every head starts at memory_read_gain_init\\)"),
         ("memory_impl", "cuda", "one of auto, torch, compiled, triton"),
         ("memory_init", "zeros", "'identity' or 'random'"),
         ("value_norm", 1, "true or false"),
@@ -200,6 +201,11 @@ def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_or
     parted = tiny_model(memory_gain_init=1.0, memory_gain_init_spread=1.0, memory_read_gain_init=0.1)
     assert torch.all(parted.model.layers[0].mixer.memory_ln_weight == 1.0)
     assert torch.all(parted.model.layers[0].mixer.memory_read_gain == 0.1)
+    spread = tiny_model(memory_read_gain_init=0.1, memory_read_gain_init_spread=10.0)
+    for block in spread.model.layers:  # weakest read on the weakest writer, as the gains and etas above
+        torch.testing.assert_close(
+            block.mixer.memory_read_gain.detach(), torch.tensor([0.01, 0.1 / 10 ** (1 / 3), 0.1 * 10 ** (1 / 3), 1.0])
+        )
 
 
 def mixer_reads(model, ids):
