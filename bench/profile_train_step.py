@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections import Counter
 
 import torch
@@ -43,14 +44,21 @@ NO_KERNEL = {
 }  # fmt: skip
 
 
+# Inductor's kernels, named `graph_<n>_cpp_fused_...` under `enable_kernel_profile` (`cpp_fused_...` in
+# older releases), `triton_...` on a GPU.
+FUSED_KERNEL = re.compile(r"(graph_\d+_)?(cpp_fused|triton_)")
+
+
 def is_kernel(event) -> bool:
     """A leaf operator that computes: an ATen op with no ATen op inside, or a compiled graph's fused kernel."""
     name = event.name
-    if name.startswith("cpp_fused") or name.startswith("triton_"):
+    if FUSED_KERNEL.match(name):
         return True
     if not name.startswith("aten::") or name in NO_KERNEL:
         return False
-    return not any(child.name.startswith("aten::") for child in event.cpu_children)
+    # A compiled graph's extern kernels (bmm into a preallocated buffer) carry resolve_conj children: an op
+    # is a leaf when nothing inside it computes.
+    return not any(child.name.startswith("aten::") and child.name not in NO_KERNEL for child in event.cpu_children)
 
 
 def build(kind: str, chunk_size: int, memory_impl: str):

@@ -7,11 +7,13 @@ Choices the paper leaves open, decided once here (docs/model.md, "Model choices"
 - gates: eta_t = eta_max * sigmoid(.), alpha_t = sigmoid(.) kept in log space; per-head scalars by
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
   biases start alpha at `alpha_init` (0.99) and eta log-spaced over the heads around `eta_init`;
-- defaults chosen so that the memory binds keys to values (bench/RESULTS.md, "Memory defaults"):
-  writes of eta 0.05-1.5 out of a maximum of 3 (`eta_init` 0.5, spread 10 over a layer's heads), read
-  gains 0.1-1 (`memory_gain_init` 0.3162, spread 3.162) and each head's value RMS-normalised
-  (`value_norm`). With the earlier weak writes (eta 0.001-0.1, gain 0.1) recall settled at the bag
-  of values and the language model learned as well with the memory read off;
+- defaults chosen so that the memory binds keys to values and costs the language model nothing
+  (bench/RESULTS.md, "Memory defaults"): writes of eta 0.03-1.5 out of a maximum of 3 (`eta_init` 0.3,
+  spread 10 over a layer's heads) into a memory at full LayerNorm gain (`memory_gain_init` 1), a read
+  gain apart from it of 0.1-1 in the same head order (`memory_read_gain_init` 0.3162, spread 3.162), and
+  each head's value RMS-normalised (`value_norm`). With the earlier weak writes (eta 0.001-0.1, gain 0.1)
+  recall settled at the bag of values; with the read's strength tied to the memory's own gain (the
+  previous defaults) recall bound but the language model paid 0.06 bits per byte at step 200;
 - the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0), the
   output matrix's times `memory_out_init_scale` (1);
 - head size: hidden_size / num_heads, 64 for xs (4 heads) and the paper's 16 heads above it (48,
@@ -82,7 +84,7 @@ class MonetaConfig(PreTrainedConfig):
         channelwise_gates: bool = False,
         gate_rank: int = 32,
         eta_max: float = 3.0,
-        eta_init: float = 0.5,
+        eta_init: float = 0.3,
         eta_init_spread: float = 10.0,
         alpha_init: float = 0.99,
         alpha_init_spread: float = 1.0,
@@ -91,10 +93,10 @@ class MonetaConfig(PreTrainedConfig):
         sign_sharpness: float = 10.0,
         abs_eps: float = 1e-6,
         inner_grad_clamp: float | None = None,
-        memory_gain_init: float = 0.3162,
-        memory_gain_init_spread: float = 3.162,
-        memory_read_gain_init: float | None = None,
-        memory_read_gain_init_spread: float = 1.0,
+        memory_gain_init: float = 1.0,
+        memory_gain_init_spread: float = 1.0,
+        memory_read_gain_init: float | None = 0.3162,
+        memory_read_gain_init_spread: float = 3.162,
         memory_out_init_scale: float = 1.0,
         memory_init: str = "random",
         spread_across_layers: bool = False,
@@ -138,10 +140,10 @@ class MonetaConfig(PreTrainedConfig):
         self.memory_gain_init = memory_gain_init
         self.memory_gain_init_spread = memory_gain_init_spread
         # A number r: the mixer's read becomes q + r (M(q) - q), r a learned gain per head starting there; None
-        # (the default): the read is M(q). It parts what the read adds to the mixer's output from the memory's
-        # own LayerNorm gain, which also scales every write, so the memory can fit values at full gain while
-        # its read starts small. With memory_gain_init=1, memory_gain_init_spread=1 and r = 0.1 the language
-        # model pays nothing for the memory, but recall binds on 4 of 6 seeds, not 6 (bench/RESULTS.md).
+        # (models saved before it existed): the read is M(q). It parts what the read adds to the mixer's output
+        # from the memory's own LayerNorm gain, which also scales every write, so the memory can fit values at
+        # full gain while most heads' reads start small: a strong read early on is what the language model
+        # pays for, strong writes are not (bench/RESULTS.md, "Memory defaults").
         self.memory_read_gain_init = memory_read_gain_init
         # Read gains log-spaced over [r / spread, r * spread] across a layer's heads, in the head order of the
         # eta and memory-gain spreads (the strongest writer reads loudest); 1 = r everywhere.

@@ -357,11 +357,11 @@ class MonetaPreTrainedModel(PreTrainedModel):
                 sigma = (1.0 / (3.0 * count)) ** 0.25
                 init.normal_(module.memory_a1, mean=0.0, std=sigma * config.memory_out_init_scale)
                 init.normal_(module.memory_a2, mean=0.0, std=sigma)
-            # Heads start at different inner learning rates and read gains, both log-spaced over
-            # [init / spread, init * spread] in the same head order: the best write strength depends on
-            # scales the outer loop is still learning, and a strong read helps recall but drowns the local
-            # context a language model learns first, so each layer starts with a range to choose from
-            # (bench/RESULTS.md, recall and language-model quality).
+            # Heads start at different inner learning rates and read gains (the memory's own gain and the
+            # mixer's read gain r), each log-spaced over [init / spread, init * spread] in the same head
+            # order: the best write strength depends on scales the outer loop is still learning, and a
+            # strong read helps recall but drowns the local context a language model learns first, so each
+            # layer starts with a range to choose from (bench/RESULTS.md, recall and language-model quality).
             heads = module.num_heads
             if config.spread_across_layers:
                 # One log-spaced range over every head of the model, in (layer, head) order: early

@@ -197,8 +197,15 @@ def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_or
         torch.testing.assert_close(etas, torch.tensor([0.001, 0.01 / 10 ** (1 / 3), 0.01 * 10 ** (1 / 3), 0.1]))
     flat = tiny_model(memory_gain_init=0.3162, memory_gain_init_spread=1.0).model.layers[0].mixer.memory_ln_weight
     assert torch.all(flat == flat.new_tensor(0.3162))  # spread 1: every head at memory_gain_init
-    assert tiny_model().model.layers[0].mixer.memory_read_gain is None  # no outer read gain by default
-    parted = tiny_model(memory_gain_init=1.0, memory_gain_init_spread=1.0, memory_read_gain_init=0.1)
+    default = tiny_model().model.layers[0].mixer  # the defaults: memory at full gain, reads 0.1-1, etas 0.03-1.5
+    assert torch.all(default.memory_ln_weight == 1.0)
+    torch.testing.assert_close(
+        default.memory_read_gain.detach(), 0.3162 * 3.162 ** torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0])
+    )
+    etas = 3.0 * torch.sigmoid(default.eta_alpha_proj.bias[: default.num_heads].detach())
+    torch.testing.assert_close(etas, torch.tensor([0.03, 0.3 / 10 ** (1 / 3), 0.3 * 10 ** (1 / 3), 1.5]))
+    assert tiny_model(memory_read_gain_init=None).model.layers[0].mixer.memory_read_gain is None
+    parted = tiny_model(memory_read_gain_init=0.1, memory_read_gain_init_spread=1.0)
     assert torch.all(parted.model.layers[0].mixer.memory_ln_weight == 1.0)
     assert torch.all(parted.model.layers[0].mixer.memory_read_gain == 0.1)
     spread = tiny_model(memory_read_gain_init=0.1, memory_read_gain_init_spread=10.0)
@@ -235,7 +242,8 @@ def test_the_read_gain_scales_what_the_memory_adds_to_the_query_and_nothing_else
     """q + r (M(q) - q): r = 1 is the model without a read gain (None, as saved before it existed), r = 0.25
     a quarter of the same memory's contribution, with the writes (the states after the segment) unchanged."""
     ids = random_ids(2, 21)
-    none, one, quarter = (tiny_model(memory_read_gain_init=r) for r in (None, 1.0, 0.25))
+    one_gain = dict(memory_read_gain_init_spread=1.0)
+    none, one, quarter = (tiny_model(memory_read_gain_init=r, **one_gain) for r in (None, 1.0, 0.25))
     assert none.model.layers[0].mixer.memory_read_gain is None
     assert "model.layers.0.mixer.memory_read_gain" not in none.state_dict()
     one.load_state_dict(none.state_dict(), strict=False)
@@ -369,6 +377,26 @@ def test_checkpoint_saved_before_the_current_defaults_loads_and_gives_the_same_l
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_saved_before_the_read_gain_defaults_loads_as_it_was_saved(tmp_path):
+    """Saved with the previous memory defaults, whose config.json says `memory_read_gain_init: null` and knows
+    no read-gain spread: it loads without a read gain, its gains and etas as saved, and the same logits."""
+    import json
+
+    before = dict(eta_init=0.5, memory_gain_init=0.3162, memory_gain_init_spread=3.162, memory_read_gain_init=None)
+    model = tiny_model(**before)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["memory_read_gain_init_spread"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = MonetaForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.memory_read_gain_init is None and loaded.config.memory_read_gain_init_spread == 1.0
+    assert loaded.config.eta_init == 0.5 and loaded.config.memory_gain_init == 0.3162
+    assert all(block.mixer.memory_read_gain is None for block in loaded.model.layers)
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
 
 
 def test_old_checkpoint_keys_map_to_todays_names():
