@@ -16,6 +16,11 @@ Choices the paper leaves open, decided once here (docs/model.md, "Model choices"
   previous defaults) recall bound but the language model paid 0.06 bits per byte at step 200;
 - the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0), the
   output matrix's times `memory_out_init_scale` (1);
+- the normaliser's floor `lq_floor` 0.01 (1% of ||A_0||_q): with q = 4 the memory is A / ||A||^2, so a
+  head that learns to forget everything (alpha ~ 0.02) reaches ||A|| ~ 1e-16 and is read at the cap
+  1 / floor^2; at a floor of 1e-6 (the earlier default) that cap, 1e12, overflowed fp32 in the memory's
+  LayerNorm and the training step's gradient was NaN. Where no head reaches the floor nothing changes
+  (recall and language-model runs gave the same numbers to the last digit);
 - head size: hidden_size / num_heads, 64 for xs (4 heads) and the paper's 16 heads above it (48,
   64, 96, 128 for s, m, l, xl); below d_h = 32 binding is a lottery (bench/RESULTS.md);
 - no positional encoding (the causal conv and the recurrence give order), SiLU after the conv,
@@ -88,7 +93,7 @@ class MonetaConfig(PreTrainedConfig):
         eta_init_spread: float = 10.0,
         alpha_init: float = 0.99,
         alpha_init_spread: float = 1.0,
-        lq_floor: float = 1e-6,
+        lq_floor: float = 0.01,
         smooth_lp: bool | None = None,
         sign_sharpness: float = 10.0,
         abs_eps: float = 1e-6,

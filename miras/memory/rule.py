@@ -31,7 +31,7 @@ class RuleConfig:
     p: float = 3.0  # l_p attentional bias
     q: float = 4.0  # l_q retention
     chunk_size: int = 64
-    lq_floor: float = 1e-6  # floor tau on ||A||_q before the power
+    lq_floor: float = 0.01  # floor tau on ||A||_q before the power (configuration.py says why 0.01)
     ln_eps: float = 1e-5  # LayerNorm inside the memory
     smooth_lp: bool | None = None  # None: exact gradient for p >= 2, smooth surrogate for p < 2
     sign_sharpness: float = 10.0  # sign(e) ~ tanh(a e) in the surrogate

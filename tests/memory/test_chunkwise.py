@@ -256,3 +256,38 @@ def test_compiled_memory_equals_token_loop():
     for name, got, want in zip(NAMES, grads, grads_ref):
         scale = want.abs().max().clamp_min(1.0)
         torch.testing.assert_close(got / scale, want / scale, **TOL, msg=name)
+
+
+def collapsed_head_step(lq_floor: float):
+    """fp32 forward and backward of a head that has shut itself off, at the given normaliser floor.
+
+    The fixture is layer 0, head 3 of a real training step (the passkey task at lr 1e-2, tokens 256-458 of
+    one row, the accumulators at token 256 and the gradient that reached the reads): the head had learned
+    alpha ~ 0.02 and eta ~ 1e-5, so its accumulators decay to ~1e-16 within a chunk. The normaliser
+    1 / max(||A||_4, floor)^2 then sits at its cap, 1 / floor^2; at a floor of 1e-6 that is 1e12, the
+    memory's pre-LayerNorm values reach ~1e19 and their squares overflow fp32, and the backward is NaN.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    x = load_file(Path(__file__).parent.parent / "data" / "collapsed_memory_head.safetensors")
+    leaves = {name: x[name].clone().requires_grad_(True) for name in NAMES}
+    state = MemoryState.initial(leaves["a1"], leaves["a2"], 1, 64, False)
+    inputs = [leaves[name] for name in ("q", "k", "v", "eta", "log_alpha")]
+    rule = RuleConfig(lq_floor=lq_floor)
+    y, _ = chunkwise_memory(*inputs, state, leaves["gamma"], leaves["beta"], rule)
+    y.backward(x["dy"])
+    return y, {name: t.grad for name, t in leaves.items()}
+
+
+def test_the_default_floor_keeps_a_collapsed_head_finite_in_fp32():
+    from miras import MonetaConfig
+
+    assert RuleConfig().lq_floor == MonetaConfig().lq_floor  # the op's default is the model's
+    y, grads = collapsed_head_step(MonetaConfig().lq_floor)
+    assert torch.isfinite(y).all()
+    assert not [name for name, g in grads.items() if not torch.isfinite(g).all()]
+    # The fixture still reaches the overflow: at the old floor the same step is not finite.
+    _, old = collapsed_head_step(1e-6)
+    assert [name for name, g in old.items() if not torch.isfinite(g).all()]
