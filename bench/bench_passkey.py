@@ -104,9 +104,10 @@ def train(model, args, log) -> list[dict]:
         ids, labels = passkey_batch(args.batch_size, length, generator)
         logits = model(input_ids=ids, use_cache=False).logits
         losses = next_token_losses(logits, labels)
-        loss = losses[~torch.isnan(losses)].mean()
+        loss = losses[~torch.isnan(losses)].mean()  # the answer's digits
+        lm_loss = next_token_losses(logits, ids).mean()  # every byte; logged even when not trained on
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + args.lm_weight * lm_loss).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         schedule.step()
@@ -114,9 +115,9 @@ def train(model, args, log) -> list[dict]:
         if step % args.log_every == 0 or step == args.steps:
             share = sum(recent) / len(recent)
             recent = []
-            curve.append({"step": step, "loss": loss.item(), "retrieved": share})
+            curve.append({"step": step, "loss": loss.item(), "lm_loss": lm_loss.item(), "retrieved": share})
             log(
-                f"step {step:5d}  loss {loss.item():.3f}  retrieved {share:.3f}  "
+                f"step {step:5d}  loss {loss.item():.3f}  every byte {lm_loss.item():.3f}  retrieved {share:.3f}  "
                 f"({time.perf_counter() - started:.0f} s)"
             )
     return curve
@@ -150,6 +151,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--grad-clip", type=float, default=1.0)
+    parser.add_argument(
+        "--lm-weight",
+        type=float,
+        default=0.0,
+        help="weight of the next-byte loss on every byte, added to the answer's loss (0: the answer only)",
+    )
     parser.add_argument("--eval-lens", type=int, nargs="+", default=[512, 1024, 4096, 16384])
     parser.add_argument("--eval-samples", type=int, default=50)
     parser.add_argument("--eval-batch-size", type=int, default=5)
