@@ -21,7 +21,16 @@ from functools import cache
 import torch
 
 from .chunkwise import _compute_dtype
-from .rule import RuleConfig, anchor_gradients, committed_accumulators, decay_weights, gelu, layer_norm, lq_scale
+from .rule import (
+    RuleConfig,
+    add_matmul,
+    anchor_gradients,
+    committed_accumulators,
+    decay_weights,
+    gelu,
+    layer_norm,
+    lq_scale,
+)
 from .state import MemoryState
 
 
@@ -92,15 +101,9 @@ def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
     if channelwise:  # over d_h: the rows of A1 (outputs) and the columns of A2 (inputs)
         run1 = alpha.transpose(-1, -2) * run1 - (grads.gz * eta).transpose(-1, -2) @ grads.act
         run2 = run2 * alpha - grads.gh.transpose(-1, -2) @ (k * eta)
-    else:
-        run1 = torch.baddbmm(
-            (alpha[..., None] * run1).flatten(0, 1), (grads.gz * -eta[..., None]).transpose(-1, -2).flatten(0, 1),
-            grads.act.flatten(0, 1),
-        ).view(run1.shape)  # fmt: skip
-        run2 = torch.baddbmm(
-            (alpha[..., None] * run2).flatten(0, 1), grads.gh.transpose(-1, -2).flatten(0, 1),
-            (k * -eta[..., None]).flatten(0, 1),
-        ).view(run2.shape)  # fmt: skip
+    else:  # the decayed copy is a temporary, so (without autograd) the rank-1 step accumulates into it in place
+        run1 = add_matmul(alpha[..., None] * run1, (grads.gz * -eta[..., None]).transpose(-1, -2), grads.act)
+        run2 = add_matmul(alpha[..., None] * run2, grads.gh.transpose(-1, -2), k * -eta[..., None])
     act_q = gelu((q * scale2) @ run2.transpose(-1, -2))
     u, _, _ = layer_norm((act_q @ run1.transpose(-1, -2)) * scale1, gamma, beta, rule.ln_eps)
     y = q + u
