@@ -1,8 +1,12 @@
 """The chunkwise training path against the token-by-token reference and exact reductions (float64)."""
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from miras import MonetaConfig
 from miras.memory import MemoryState, RuleConfig, chunkwise_memory
 from miras.memory.naive import memory_read, naive_memory
 from miras.memory.rule import anchor_gradients, committed_accumulators, decay_weights, lq_scale
@@ -267,10 +271,6 @@ def collapsed_head_step(lq_floor: float):
     1 / max(||A||_4, floor)^2 then sits at its cap, 1 / floor^2; at a floor of 1e-6 that is 1e12, the
     memory's pre-LayerNorm values reach ~1e19 and their squares overflow fp32, and the backward is NaN.
     """
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     x = load_file(Path(__file__).parent.parent / "data" / "collapsed_memory_head.safetensors")
     leaves = {name: x[name].clone().requires_grad_(True) for name in NAMES}
     state = MemoryState.initial(leaves["a1"], leaves["a2"], 1, 64, False)
@@ -282,8 +282,6 @@ def collapsed_head_step(lq_floor: float):
 
 
 def test_the_default_floor_keeps_a_collapsed_head_finite_in_fp32():
-    from miras import MonetaConfig
-
     assert RuleConfig().lq_floor == MonetaConfig().lq_floor  # the op's default is the model's
     y, grads = collapsed_head_step(MonetaConfig().lq_floor)
     assert torch.isfinite(y).all()
