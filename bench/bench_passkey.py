@@ -18,8 +18,12 @@ against a LlamaForCausalLM (sdpa, RoPE) of the same width, depth and heads with 
 match MONETA's parameter count: the recurrent model carries a state of fixed size, the Llama's RoPE
 positions beyond the trained length are new to it.
 
+`--lm-weight W` adds W times the next-byte loss on every byte to the digits' loss (the way a pretrained
+model meets the task); the log shows both either way.
+
 Examples:
   python bench/bench_passkey.py --steps 600 --out bench/out/passkey.json
+  python bench/bench_passkey.py --models moneta --min-train-len 128 --max-train-len 128 --lr 1e-2
   python bench/bench_passkey.py --quick
 """
 
