@@ -49,7 +49,10 @@ def parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--model-overrides: {item!r} is not KEY=VALUE")
-        overrides[key] = json.loads(value)
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:  # a bare word: the string itself (lq_norm=scale_free)
+            overrides[key] = value
     return overrides
 
 
@@ -92,7 +95,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per seed")
     parser.add_argument("--constant-lr", action="store_true", help="no cosine decay")
     parser.add_argument("--warmup", type=int, default=0, help="steps of linear lr warmup")
-    parser.add_argument("--model-overrides", nargs="*", default=[], metavar="KEY=VALUE", help="JSON values")
+    parser.add_argument(
+        "--model-overrides", nargs="*", default=[], metavar="KEY=VALUE", help="JSON values; a bare word is a string"
+    )
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.seed is not None:

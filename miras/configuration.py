@@ -35,6 +35,7 @@ the Triton path has not yet been measured on a GPU). miras/memory/dispatch.py ha
 from __future__ import annotations
 
 from .memory.dispatch import IMPLEMENTATIONS
+from .memory.rule import LQ_NORMS
 
 try:
     from transformers import PreTrainedConfig
@@ -62,6 +63,7 @@ FIELDS_ADDED_LATER: dict[str, object] = {
     "alpha_init_spread": 1.0,
     "memory_read_gain_init": None,
     "memory_read_gain_init_spread": 1.0,
+    "lq_norm": "inverse",
 }
 
 
@@ -94,6 +96,7 @@ class MonetaConfig(PreTrainedConfig):
         alpha_init: float = 0.99,
         alpha_init_spread: float = 1.0,
         lq_floor: float = 0.01,
+        lq_norm: str = "inverse",
         smooth_lp: bool | None = None,
         sign_sharpness: float = 10.0,
         abs_eps: float = 1e-6,
@@ -138,6 +141,7 @@ class MonetaConfig(PreTrainedConfig):
         self.alpha_init = alpha_init
         self.alpha_init_spread = alpha_init_spread
         self.lq_floor = lq_floor
+        self.lq_norm = lq_norm
         self.smooth_lp = smooth_lp
         self.sign_sharpness = sign_sharpness
         self.abs_eps = abs_eps
@@ -248,6 +252,7 @@ class MonetaConfig(PreTrainedConfig):
             f"a number >= 1 and below 1 / (1 - alpha_init) = {1 / (1 - self.alpha_init):g} (1 = alpha_init everywhere)",
         )
         need(number("lq_floor") > 0, "lq_floor", "a number > 0")
+        need(self.lq_norm in LQ_NORMS, "lq_norm", f"one of {', '.join(repr(n) for n in LQ_NORMS)}")
         need(number("memory_gain_init") > 0, "memory_gain_init", "a number > 0")
         need(
             number("memory_gain_init_spread") >= 1,

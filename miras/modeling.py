@@ -174,6 +174,7 @@ class MonetaMixer(nn.Module):
             q=config.q,
             chunk_size=config.chunk_size,
             lq_floor=config.lq_floor,
+            lq_norm=config.lq_norm,
             ln_eps=config.memory_ln_eps,
             smooth_lp=config.smooth_lp,
             sign_sharpness=config.sign_sharpness,

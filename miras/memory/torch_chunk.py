@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rule import RuleConfig, abs_pow, add_matmul, decay_matrix, lp_error_gradient
+from .rule import LQ_NORMS, RuleConfig, abs_pow, add_matmul, decay_matrix, flat_matrix_factor, lp_error_gradient
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -65,26 +65,44 @@ def _bt(x: Tensor) -> Tensor:
 
 
 def _lq_forward(acc: Tensor, rule: RuleConfig):
-    """s = 1 / max(||A||_q, floor)^(q-2) per matrix, with the power-of-two peak and scaled norm its backward needs.
+    """The normaliser s per matrix (rule.lq_scale), with the power-of-two peak and scaled norms its backward needs.
 
     The arithmetic of rule.lq_scale: |A / peak|^q neither underflows nor overflows in fp32.
+    Returns (s, peak, ||A / peak||_q, ||A / peak||_2); the last is 1 for the "inverse" normaliser.
     """
     if rule.q == 2:
         one = torch.ones_like(acc[..., :1, :1])
-        return one, one, one
+        return one, one, one, one
     peak = acc.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
     peak = torch.exp2(torch.floor(torch.log2(peak)))
-    scaled_norm = abs_pow(acc / peak, rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
+    scaled = acc / peak
+    scaled_norm = abs_pow(scaled, rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
+    if rule.lq_norm == "scale_free":
+        tiny = torch.finfo(acc.dtype).tiny
+        scaled_l2 = (scaled * scaled).sum(dim=(-2, -1), keepdim=True).clamp_min(tiny).sqrt()
+        scale = (scaled_l2 / scaled_norm.clamp_min(tiny)).pow(rule.q - 2.0) * flat_matrix_factor(acc, rule.q)
+        return scale, peak, scaled_norm, scaled_l2
     scale = (peak * scaled_norm).clamp_min(rule.lq_floor).pow(-(rule.q - 2.0))
-    return scale, peak, scaled_norm
+    return scale, peak, scaled_norm, torch.ones_like(scale)
 
 
-def _lq_backward(acc: Tensor, d_scale: Tensor, scale: Tensor, peak: Tensor, scaled_norm: Tensor, rule: RuleConfig):
-    """dA from ds (q > 2): ds/dN = -(q-2) s / N above the floor, 0 below; dN/dA = sign(A)|A|^(q-1) / N^(q-1)."""
-    norm = peak * scaled_norm
-    d_norm = d_scale * (-(rule.q - 2.0)) * scale / norm.clamp_min(rule.lq_floor) * (norm >= rule.lq_floor)
+def _lq_backward(
+    acc: Tensor, d_scale: Tensor, scale: Tensor, peak: Tensor, scaled_norm: Tensor, scaled_l2: Tensor, rule: RuleConfig
+):
+    """dA from ds (q > 2), with a = A / peak, n_q = ||a||_q, n_2 = ||a||_2.
+
+    "inverse": ds/dN = -(q-2) s / N above the floor, 0 below; dN/dA = sign(A)|A|^(q-1) / N^(q-1).
+    "scale_free": s = c (n_2 / n_q)^(q-2) (c: rule.flat_matrix_factor),
+    ds/dA = (q-2) s / peak * (a / n_2^2 - sign(a)|a|^(q-1) / n_q^q).
+    """
     scaled = acc / peak
     direction = scaled * scaled.abs() if rule.q == 3 else scaled * abs_pow(scaled, rule.q - 2.0)
+    if rule.lq_norm == "scale_free":
+        tiny = torch.finfo(acc.dtype).tiny
+        factor = d_scale * (rule.q - 2.0) * scale / peak
+        return factor * (scaled / scaled_l2.pow(2) - direction / scaled_norm.clamp_min(tiny).pow(rule.q))
+    norm = peak * scaled_norm
+    d_norm = d_scale * (-(rule.q - 2.0)) * scale / norm.clamp_min(rule.lq_floor) * (norm >= rule.lq_floor)
     return (d_norm / scaled_norm.pow(rule.q - 1.0)) * direction
 
 
@@ -499,7 +517,7 @@ def _rule_values(rule: RuleConfig) -> list[float]:
     smooth = -1.0 if rule.smooth_lp is None else float(rule.smooth_lp)
     return [float(rule.p), float(rule.q), float(rule.chunk_size), float(rule.lq_floor), float(rule.ln_eps), smooth,
             float(rule.sign_sharpness), float(rule.abs_eps), float(rule.detach_state_every),
-            float(rule.checkpoint_group)]  # fmt: skip
+            float(rule.checkpoint_group), float(LQ_NORMS.index(rule.lq_norm))]  # fmt: skip
 
 
 def _rule_from(values: list[float]) -> RuleConfig:
@@ -507,11 +525,11 @@ def _rule_from(values: list[float]) -> RuleConfig:
 
 
 @cache
-def _rule(p, q, chunk_size, lq_floor, ln_eps, smooth, sharpness, abs_eps, detach_every, group) -> RuleConfig:
+def _rule(p, q, chunk_size, lq_floor, ln_eps, smooth, sharpness, abs_eps, detach_every, group, lq_norm) -> RuleConfig:
     return RuleConfig(
         p=p, q=q, chunk_size=int(chunk_size), lq_floor=lq_floor, ln_eps=ln_eps,
         smooth_lp=None if smooth < 0 else bool(smooth), sign_sharpness=sharpness, abs_eps=abs_eps,
-        detach_state_every=int(detach_every), checkpoint_group=int(group),
+        detach_state_every=int(detach_every), checkpoint_group=int(group), lq_norm=LQ_NORMS[int(lq_norm)],
     )  # fmt: skip
 
 

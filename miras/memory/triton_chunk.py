@@ -53,7 +53,10 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .rule import RuleConfig
+from .rule import RuleConfig, flat_matrix_factor
+
+# Per chunk-start state, the l_q statistics the backward reads: (peak, n_q, n_2) of A1, then of A2.
+STATS = tl.constexpr(6)
 
 # ----------------------------------------------------------------------------------------------
 # Elementwise pieces. A Python float meeting a tensor takes the tensor's dtype (Triton's weak typing),
@@ -231,9 +234,10 @@ def _tile_offsets(j, dcols, dmask, D: tl.constexpr, M: tl.constexpr, BM: tl.cons
 @triton.jit
 def _peak_and_norm(ptr, dcols, dmask, D: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, Q: tl.constexpr,
                    SECOND: tl.constexpr):  # fmt: skip
-    """(peak, ||A / peak||_q) of the matrix at ptr, peak = the power of two below max |A| (rule.lq_scale).
+    """(peak, ||A / peak||_q, ||A / peak||_2) of the matrix at ptr, peak = the power of two below max |A|
+    (rule.lq_scale).
 
-    SECOND: the matrix is A2 (m x d_h), else A1 (d_h x m). Two passes, max then power sum.
+    SECOND: the matrix is A2 (m x d_h), else A1 (d_h x m). Two passes, max then the power sums.
     """
     biggest = tl.full([], 0.0, ptr.dtype.element_ty)
     for j in range(0, M, BM):
@@ -249,30 +253,57 @@ def _peak_and_norm(ptr, dcols, dmask, D: tl.constexpr, M: tl.constexpr, BM: tl.c
         tiny = tl.full([], 1.1754943508222875e-38, tl.float32)
     peak = _pow2_floor(tl.maximum(biggest, tiny))
     total = tl.full([], 0.0, ptr.dtype.element_ty)
+    squares = tl.full([], 0.0, ptr.dtype.element_ty)
     for j in range(0, M, BM):
         off1, mask1, off2, mask2 = _tile_offsets(j, dcols, dmask, D, M, BM)
         if SECOND:
             a = tl.load(ptr + off2, mask=mask2, other=0.0)
         else:
             a = tl.load(ptr + off1, mask=mask1, other=0.0)
-        total += tl.sum(tl.sum(_pow(tl.abs(a / peak), Q), 1), 0)
-    return peak, _pow(total, 1.0 / Q)
+        scaled = a / peak
+        total += tl.sum(tl.sum(_pow(tl.abs(scaled), Q), 1), 0)
+        squares += tl.sum(tl.sum(scaled * scaled, 1), 0)
+    return peak, _pow(total, 1.0 / Q), tl.sqrt(tl.maximum(squares, tiny))
 
 
 @triton.jit
-def _lq_scale(peak, scaled_norm, Q: tl.constexpr, LQ_FLOOR: tl.constexpr):
-    """s = 1 / max(||A||_q, floor)^(q-2) and the clamped norm."""
-    clamped = tl.maximum(peak * scaled_norm, LQ_FLOOR)
-    return 1.0 / _pow(clamped, Q - 2.0), clamped
+def _store_stats(ptr, peak1, norm1, l2_1, peak2, norm2, l2_2):
+    tl.store(ptr + 0, peak1)
+    tl.store(ptr + 1, norm1)
+    tl.store(ptr + 2, l2_1)
+    tl.store(ptr + 3, peak2)
+    tl.store(ptr + 4, norm2)
+    tl.store(ptr + 5, l2_2)
 
 
 @triton.jit
-def _lq_direction_coefficient(d_scale, scale, peak, scaled_norm, Q: tl.constexpr, LQ_FLOOR: tl.constexpr):
-    """dA = coefficient * (A/peak) |A/peak|^(q-2) carries ds into the accumulator (chunk_backward)."""
+def _tiny(x):
+    if x.dtype == tl.float64:
+        return tl.full([], 2.2250738585072014e-308, tl.float64)
+    return tl.full([], 1.1754943508222875e-38, tl.float32)
+
+
+@triton.jit
+def _lq_scale(peak, scaled_norm, scaled_l2, Q: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr,
+              FLAT: tl.constexpr):  # fmt: skip
+    """The normaliser s (rule.lq_scale): 1 / max(||A||_q, floor)^(q-2), or FLAT (n_2 / n_q)^(q-2) scale-free."""
+    if SCALE_FREE:
+        return FLAT * _pow(scaled_l2 / tl.maximum(scaled_norm, _tiny(scaled_norm)), Q - 2.0)
+    return 1.0 / _pow(tl.maximum(peak * scaled_norm, LQ_FLOOR), Q - 2.0)
+
+
+@triton.jit
+def _lq_coefficients(d_scale, scale, peak, scaled_norm, scaled_l2, Q: tl.constexpr, LQ_FLOOR: tl.constexpr,
+                     SCALE_FREE: tl.constexpr):  # fmt: skip
+    """dA = c_dir * a |a|^(q-2) + c_lin * a, a = A / peak, carries ds into A (torch_chunk._lq_backward)."""
+    if SCALE_FREE:
+        factor = d_scale * (Q - 2.0) * scale / peak
+        c_dir = -factor / _pow(tl.maximum(scaled_norm, _tiny(scaled_norm)), Q)
+        return c_dir, factor / (scaled_l2 * scaled_l2)
     norm = peak * scaled_norm
     clamped = tl.maximum(norm, LQ_FLOOR)
     d_norm = tl.where(norm >= LQ_FLOOR, d_scale * (-(Q - 2.0)) * scale / clamped, 0.0)
-    return d_norm / _pow(scaled_norm, Q - 1.0)
+    return d_norm / _pow(scaled_norm, Q - 1.0), tl.zeros_like(d_norm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,7 +397,7 @@ def _forward_kernel(
     H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     P: tl.constexpr, Q: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr, ABS_EPS: tl.constexpr,
-    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr,
+    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr, FLAT: tl.constexpr,
     SAVE: tl.constexpr, WRITE_Y: tl.constexpr, PRECISION: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Chunks [c0, c1) of one (row, head); state slots: chunk-start states (SAVE) or two alternating."""
@@ -384,10 +415,10 @@ def _forward_kernel(
         tl.store(st2 + off2, tl.load(a2_in + pid * state_size + off2, mask=mask2), mask=mask2)
     tl.debug_barrier()
     one = tl.full([], 1.0, gamma.dtype)
-    peak1, norm1, peak2, norm2 = one, one, one, one
+    peak1, norm1, l2_1, peak2, norm2, l2_2 = one, one, one, one, one, one
     if Q != 2.0:
-        peak1, norm1 = _peak_and_norm(st1, dcols, dmask, D, M, BM, Q, False)
-        peak2, norm2 = _peak_and_norm(st2, dcols, dmask, D, M, BM, Q, True)
+        peak1, norm1, l2_1 = _peak_and_norm(st1, dcols, dmask, D, M, BM, Q, False)
+        peak2, norm2, l2_2 = _peak_and_norm(st2, dcols, dmask, D, M, BM, Q, True)
 
     for n in range(c0, c1):
         i = n - c0
@@ -402,13 +433,10 @@ def _forward_kernel(
         nxt1 = st1 + nxt * state_size
         nxt2 = st2 + nxt * state_size
         if Q != 2.0:
-            s1, _ = _lq_scale(peak1, norm1, Q, LQ_FLOOR)
-            s2, _ = _lq_scale(peak2, norm2, Q, LQ_FLOOR)
+            s1 = _lq_scale(peak1, norm1, l2_1, Q, LQ_FLOOR, SCALE_FREE, FLAT)
+            s2 = _lq_scale(peak2, norm2, l2_2, Q, LQ_FLOOR, SCALE_FREE, FLAT)
             if SAVE:
-                tl.store(stat_ptr + (pid * NS + cur) * 4 + 0, peak1)
-                tl.store(stat_ptr + (pid * NS + cur) * 4 + 1, norm1)
-                tl.store(stat_ptr + (pid * NS + cur) * 4 + 2, peak2)
-                tl.store(stat_ptr + (pid * NS + cur) * 4 + 3, norm2)
+                _store_stats(stat_ptr + (pid * NS + cur) * STATS, peak1, norm1, l2_1, peak2, norm2, l2_2)
         else:
             s1, s2 = one, one
 
@@ -443,14 +471,11 @@ def _forward_kernel(
             _store_rows(y_ptr + seq, y, t0, rows, rmask, dcols, dmask, D)
         tl.debug_barrier()
         if Q != 2.0:
-            peak1, norm1 = _peak_and_norm(nxt1, dcols, dmask, D, M, BM, Q, False)
-            peak2, norm2 = _peak_and_norm(nxt2, dcols, dmask, D, M, BM, Q, True)
+            peak1, norm1, l2_1 = _peak_and_norm(nxt1, dcols, dmask, D, M, BM, Q, False)
+            peak2, norm2, l2_2 = _peak_and_norm(nxt2, dcols, dmask, D, M, BM, Q, True)
     if SAVE and Q != 2.0:  # the final state's statistics complete the table (unused by the backward)
         last = c1 - c0
-        tl.store(stat_ptr + (pid * NS + last) * 4 + 0, peak1)
-        tl.store(stat_ptr + (pid * NS + last) * 4 + 1, norm1)
-        tl.store(stat_ptr + (pid * NS + last) * 4 + 2, peak2)
-        tl.store(stat_ptr + (pid * NS + last) * 4 + 3, norm2)
+        _store_stats(stat_ptr + (pid * NS + last) * STATS, peak1, norm1, l2_1, peak2, norm2, l2_2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +491,8 @@ def _backward_kernel(
     H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     P: tl.constexpr, Q: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr, ABS_EPS: tl.constexpr,
-    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, PRECISION: tl.constexpr, DT: tl.constexpr,
+    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr, FLAT: tl.constexpr,
+    PRECISION: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Chunks [c0, c1) from the last. da1/da2 hold the gradient of the state after chunk c1 - 1 on entry
     and of the state at chunk c0 on exit; dgamma/dbeta are accumulated into."""
@@ -490,12 +516,11 @@ def _backward_kernel(
         cur1 = st1_ptr + (pid * NS + i) * state_size
         cur2 = st2_ptr + (pid * NS + i) * state_size
         if Q != 2.0:
-            peak1 = tl.load(stat_ptr + (pid * NS + i) * 4 + 0)
-            norm1 = tl.load(stat_ptr + (pid * NS + i) * 4 + 1)
-            peak2 = tl.load(stat_ptr + (pid * NS + i) * 4 + 2)
-            norm2 = tl.load(stat_ptr + (pid * NS + i) * 4 + 3)
-            s1, _ = _lq_scale(peak1, norm1, Q, LQ_FLOOR)
-            s2, _ = _lq_scale(peak2, norm2, Q, LQ_FLOOR)
+            row = stat_ptr + (pid * NS + i) * STATS
+            peak1, norm1, l2_1 = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2)
+            peak2, norm2, l2_2 = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+            s1 = _lq_scale(peak1, norm1, l2_1, Q, LQ_FLOOR, SCALE_FREE, FLAT)
+            s2 = _lq_scale(peak2, norm2, l2_2, Q, LQ_FLOOR, SCALE_FREE, FLAT)
         else:
             s1, s2 = one, one
 
@@ -618,7 +643,7 @@ def _backward_kernel(
         d_s1 += tl.sum(tl.sum(d_z * z_raw, 1), 0)
         d_zr = d_z * s1
         if Q != 2.0:
-            s1_norm = _lq_direction_coefficient(d_s1, s1, peak1, norm1, Q, LQ_FLOOR)
+            s1_dir, s1_lin = _lq_coefficients(d_s1, s1, peak1, norm1, l2_1, Q, LQ_FLOOR, SCALE_FREE)
         tl.debug_barrier()
 
         # ---- pass D: finish the parked tiles; the A1 normaliser ----
@@ -640,7 +665,7 @@ def _backward_kernel(
             new1 = tl.dot(tl.trans(d_zr), act, new1, input_precision=PRECISION, out_dtype=DT)
             if Q != 2.0:
                 scaled = a1 / peak1
-                new1 += s1_norm * scaled * _pow(tl.abs(scaled), Q - 2.0)
+                new1 += s1_dir * scaled * _pow(tl.abs(scaled), Q - 2.0) + s1_lin * scaled
             new2 = tl.load(da2 + off2, mask=mask2, other=0.0)
             new2 = tl.dot(tl.trans(d_h), ks, new2, input_precision=PRECISION, out_dtype=DT)
             tl.store(da1 + off1, new1, mask=mask1)
@@ -652,12 +677,13 @@ def _backward_kernel(
         # ---- pass E: the A2 normaliser; the truncated-BPTT cut ----
         cut = (DETACH_EVERY > 0) & (n > 0) & ((n * CHUNK) % tl.maximum(DETACH_EVERY, 1) == 0)
         if Q != 2.0:
-            s2_norm = _lq_direction_coefficient(d_s2, s2, peak2, norm2, Q, LQ_FLOOR)
+            s2_dir, s2_lin = _lq_coefficients(d_s2, s2, peak2, norm2, l2_2, Q, LQ_FLOOR, SCALE_FREE)
             for j in range(0, M, BM):
                 off1, mask1, off2, mask2 = _tile_offsets(j, dcols, dmask, D, M, BM)
                 a2 = tl.load(cur2 + off2, mask=mask2, other=0.0)
                 scaled = a2 / peak2
-                new2 = tl.load(da2 + off2, mask=mask2, other=0.0) + s2_norm * scaled * _pow(tl.abs(scaled), Q - 2.0)
+                new2 = tl.load(da2 + off2, mask=mask2, other=0.0)
+                new2 += s2_dir * scaled * _pow(tl.abs(scaled), Q - 2.0) + s2_lin * scaled
                 tl.store(da2 + off2, new2, mask=mask2)
         if cut:
             tl.debug_barrier()
@@ -763,6 +789,8 @@ def _meta(rule: RuleConfig, head_dim: int, width: int, heads: int, dtype: torch.
         ABS_EPS=float(rule.abs_eps),
         LN_EPS=float(rule.ln_eps),
         LQ_FLOOR=float(rule.lq_floor),
+        SCALE_FREE=rule.lq_norm == "scale_free",
+        FLAT=flat_matrix_factor(torch.empty(head_dim, width), rule.q),
         PRECISION=_matmul_precision(dtype),
         DT=tl.float64 if dtype == torch.float64 else tl.float32,  # tl.dot's accumulator (explicit for Triton < 3.6)
     )
@@ -777,7 +805,7 @@ def _forward(inputs, a1, a2, chunks, rule: RuleConfig, save: bool, write_y: bool
     slots = (c1 - c0 + 1) if save else 2
     st1 = q.new_empty(batch, heads, slots, head_dim, width)
     st2 = q.new_empty(batch, heads, slots, width, head_dim)
-    stats = q.new_ones(batch, heads, slots, 4)
+    stats = q.new_ones(batch, heads, slots, STATS.value)
     if y is None:
         y = torch.zeros_like(q)
     args = (

@@ -39,6 +39,11 @@ def outputs_and_gradients(x, rule, handwritten, monkeypatch, mask=None, split=No
 
 CASES = {
     "defaults p3 q4": (RuleConfig(chunk_size=8), {}),
+    "scale-free normaliser": (RuleConfig(chunk_size=8, lq_norm="scale_free"), {}),
+    "scale-free normaliser, two-level": (
+        RuleConfig(chunk_size=8, lq_norm="scale_free", checkpoint_group=2), {"mask": True}
+    ),
+    "scale-free normaliser, q4.5": (RuleConfig(chunk_size=8, q=4.5, lq_norm="scale_free"), {"split": 11}),
     "delta rule p2 q2": (RuleConfig(chunk_size=8, p=2.0, q=2.0), {}),
     "surrogate p1.5 q3": (RuleConfig(chunk_size=4, p=1.5, q=3.0), {}),
     "fractional p2.5 q4.5": (RuleConfig(chunk_size=8, p=2.5, q=4.5), {}),

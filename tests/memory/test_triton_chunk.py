@@ -107,6 +107,8 @@ def test_triton_equals_the_token_loop_with_padding_a_partial_chunk_and_a_carried
 
 
 CASES = {
+    "scale-free normaliser": (RuleConfig(chunk_size=8, lq_norm="scale_free"), {}),
+    "scale-free normaliser, two-level": (RuleConfig(chunk_size=8, lq_norm="scale_free", checkpoint_group=2), {}),
     "delta rule p2 q2": (RuleConfig(chunk_size=8, p=2.0, q=2.0), {}),
     "surrogate p1.5 q3": (RuleConfig(chunk_size=4, p=1.5, q=3.0), {}),
     "fractional p2.5 q4.5": (RuleConfig(chunk_size=8, p=2.5, q=4.5), {}),
