@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
+from bench_lm_quality import parse_overrides
 
 from miras import MonetaConfig
 from miras.probes import query_only, train_recall
@@ -41,19 +42,6 @@ def linear_attention(q, k, v, eta, log_alpha, state, mask=None, decoding=False, 
 
 
 MIXERS = {"moneta": None, "off": query_only, "linear-attention": linear_attention}
-
-
-def parse_overrides(items: list[str]) -> dict:
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--model-overrides: {item!r} is not KEY=VALUE")
-        try:
-            overrides[key] = json.loads(value)
-        except json.JSONDecodeError:  # a bare word: the string itself (lq_norm=scale_free)
-            overrides[key] = value
-    return overrides
 
 
 def run_seed(job: tuple) -> dict:
@@ -96,7 +84,7 @@ def main() -> None:
     parser.add_argument("--constant-lr", action="store_true", help="no cosine decay")
     parser.add_argument("--warmup", type=int, default=0, help="steps of linear lr warmup")
     parser.add_argument(
-        "--model-overrides", nargs="*", default=[], metavar="KEY=VALUE", help="JSON values; a bare word is a string"
+        "--model-overrides", nargs="*", default=[], metavar="KEY=VALUE", help="MonetaConfig fields, e.g. chunk_size=8"
     )
     parser.add_argument("--out")
     args = parser.parse_args()

@@ -3,7 +3,13 @@
 Choices the paper leaves open, decided once here (docs/model.md, "Model choices"):
 - per-head memory (d_h = hidden_size / num_heads), a 2-layer MLP of width mem_expansion * d_h,
   exact GELU, residual + LayerNorm with per-head affine parameters learned by the outer loop;
-- the l_q normaliser per matrix per head, frozen inside a chunk (docs/model.md, "The memory rule");
+- the l_q normaliser per matrix per head, frozen inside a chunk (docs/model.md, "The memory rule"): the
+  paper's W = A / ||A||_q^(q-2) (`lq_norm` "inverse"), which at q = 4 gives ||W||_4 = 1 / ||A||_4, so each
+  chunk commit rescales the memory the other way from what the chunk's writes did to the accumulators,
+  and two-pair recall across a commit fails (20-31%); or `lq_norm="scale_free"`, W = s A with
+  s = (||A||_2 / ||A||_q)^(q-2), a function of the accumulator's shape only, which binds across commits
+  (89-100%) but made the language-model run unstable (gradient norms up to 2.6e5, 2.006 bits per byte
+  against 1.694 at step 200), so it is not the default (bench/RESULTS.md, "Memory across chunk commits");
 - gates: eta_t = eta_max * sigmoid(.), alpha_t = sigmoid(.) kept in log space; per-head scalars by
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
   biases start alpha at `alpha_init` (0.99) and eta log-spaced over the heads around `eta_init`;
@@ -14,13 +20,15 @@ Choices the paper leaves open, decided once here (docs/model.md, "Model choices"
   each head's value RMS-normalised (`value_norm`). With the earlier weak writes (eta 0.001-0.1, gain 0.1)
   recall settled at the bag of values; with the read's strength tied to the memory's own gain (the
   previous defaults) recall bound but the language model paid 0.06 bits per byte at step 200;
-- the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0), the
-  output matrix's times `memory_out_init_scale` (1);
-- the normaliser's floor `lq_floor` 0.01 (1% of ||A_0||_q): with q = 4 the memory is A / ||A||^2, so a
+- the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0 with the
+  inverse normaliser, ~sqrt(n / 3) A_0 for n entries with the scale-free one), the output matrix's times
+  `memory_out_init_scale` (1);
+- the inverse normaliser's floor `lq_floor` 0.01 (1% of ||A_0||_q): with q = 4 that memory is A / ||A||^2, so a
   head that learns to forget everything (alpha ~ 0.02) reaches ||A|| ~ 1e-16 and is read at the cap
   1 / floor^2; at a floor of 1e-6 (the earlier default) that cap, 1e12, overflowed fp32 in the memory's
   LayerNorm and the training step's gradient was NaN. Where no head reaches the floor nothing changes
-  (recall and language-model runs gave the same numbers to the last digit);
+  (recall and language-model runs gave the same numbers to the last digit). The scale-free normaliser
+  does not depend on the accumulator's size and needs no floor;
 - head size: hidden_size / num_heads, 64 for xs (4 heads) and the paper's 16 heads above it (48,
   64, 96, 128 for s, m, l, xl); below d_h = 32 binding is a lottery (bench/RESULTS.md);
 - no positional encoding (the causal conv and the recurrence give order), SiLU after the conv,
@@ -252,7 +260,7 @@ class MonetaConfig(PreTrainedConfig):
             f"a number >= 1 and below 1 / (1 - alpha_init) = {1 / (1 - self.alpha_init):g} (1 = alpha_init everywhere)",
         )
         need(number("lq_floor") > 0, "lq_floor", "a number > 0")
-        need(self.lq_norm in LQ_NORMS, "lq_norm", f"one of {', '.join(repr(n) for n in LQ_NORMS)}")
+        need(self.lq_norm in LQ_NORMS, "lq_norm", f"one of {', '.join(LQ_NORMS)}")
         need(number("memory_gain_init") > 0, "memory_gain_init", "a number > 0")
         need(
             number("memory_gain_init_spread") >= 1,

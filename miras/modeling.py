@@ -41,8 +41,9 @@ def identity_memory(heads: int, head_dim: int, width: int, q: float) -> tuple[to
     gelu(t) - gelu(-t) = t for every t, so W2 = a [Q; -Q] and W1 = [Q^T, -Q^T] / a pass x through
     the hidden layer unchanged whatever the scale a, with Q (width/2, d_h) a random matrix with
     orthonormal columns (orthonormal rows when width/2 < d_h: the identity on a random subspace);
-    each head draws its own Q. Each matrix is scaled to ||A||_q = 1, so W_0 = A_0 (the LayerNorm
-    makes the read blind to the product of the scales). Why: the initial read is then the query
+    each head draws its own Q. Each matrix is scaled to ||A||_q = 1 (W_0 = A_0 under the inverse
+    normaliser, a multiple of it under the scale-free one; the LayerNorm makes the read blind to the
+    product of the scales). Why: the initial read is then the query
     itself, the local context the language model learns first, whatever the memory's gain, where
     a random A_0 made it a random function of the query that drowned that context.
     """

@@ -175,6 +175,7 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("memory_read_gain_init_spread", 0.9, ">= 1 \\(1 = every head starts at memory_read_gain_init\\)"),
         ("memory_impl", "cuda", "one of auto, torch, compiled, triton"),
         ("memory_init", "zeros", "'identity' or 'random'"),
+        ("lq_norm", "paper", "one of inverse, scale_free"),
         ("value_norm", 1, "true or false"),
         ("value_norm_eps", 0.0, "> 0"),
         ("alpha_init_spread", 0.5, ">= 1"),
@@ -328,25 +329,28 @@ def test_identity_initial_read_is_the_query_whatever_the_gain():
     torch.testing.assert_close(read.pow(2).mean(-1), torch.ones_like(cosine), rtol=2e-2, atol=0)
 
 
-def test_memory_out_init_scale_scales_only_the_output_matrix_and_the_lq_normaliser_cancels_it():
+def test_memory_out_init_scale_scales_only_the_output_matrix_and_the_inverse_normaliser_cancels_it():
     ids = random_ids(2, 20)
     base, scaled = tiny_model(), tiny_model(memory_out_init_scale=0.3)
     for block, other in zip(base.model.layers, scaled.model.layers):
         torch.testing.assert_close(other.mixer.memory_a1, 0.3 * block.mixer.memory_a1)
         assert torch.equal(other.mixer.memory_a2, block.mixer.memory_a2)
-    # q = 4: W1 = A1 / ||A1||_4^2 scales by 1 / c and the LayerNorm'd read is blind to that; the writes
-    # are not quite (the gradient through the LayerNorm carries its gain), so only with weak writes
+    # q = 4, the paper's normaliser: W1 = A1 / ||A1||_4^2 scales by 1 / c and the LayerNorm'd read is blind
+    # to that; the writes are not quite (the gradient through the LayerNorm carries its gain), so only with weak writes
     # and small gains do the logits agree, to ~1e-7 (with the defaults they differ by ~0.1).
     weak = dict(memory_gain_init=0.1, memory_gain_init_spread=1.0, eta_max=1.0, eta_init=0.01)
-    base4 = tiny_model(memory_ln_eps=1e-14, **weak).double()
+    base4 = tiny_model(memory_ln_eps=1e-14, lq_norm="inverse", **weak).double()
     scaled4 = copy.deepcopy(base4)
     with torch.no_grad():
         for block in scaled4.model.layers:
             block.mixer.memory_a1.mul_(0.3)
     torch.testing.assert_close(scaled4(ids).logits, base4(ids).logits, atol=1e-5, rtol=0)
-    # q = 2: W = A, so the initial read is smaller next to the writes and the outputs differ.
-    base2, scaled2 = tiny_model(q=2, eta_init=0.5), tiny_model(q=2, eta_init=0.5, memory_out_init_scale=0.3)
-    assert (scaled2(ids).logits - base2(ids).logits).abs().max() > 1e-3
+    # q = 2 (W = A) and the scale-free normaliser (W = s(A) A, s unchanged by a scale): the initial read is
+    # smaller next to the writes and the outputs differ.
+    for options in (dict(q=2), dict(lq_norm="scale_free")):
+        base2 = tiny_model(eta_init=0.5, **options)
+        scaled2 = tiny_model(eta_init=0.5, memory_out_init_scale=0.3, **options)
+        assert (scaled2(ids).logits - base2(ids).logits).abs().max() > 1e-3, options
 
 
 def test_unknown_size_lists_the_sizes():
@@ -397,6 +401,22 @@ def test_a_model_saved_before_the_read_gain_defaults_loads_as_it_was_saved(tmp_p
     ids = random_ids(1, 20)
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_a_scale_free_model_saves_and_loads_as_scale_free(tmp_path):
+    """`lq_norm` travels in config.json: a scale-free model comes back scale-free, with the same logits."""
+    model = tiny_model(lq_norm="scale_free", chunk_size=4).eval()
+    model.save_pretrained(tmp_path)
+    loaded = MonetaForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.lq_norm == "scale_free"
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+        # and the normaliser matters here: the same weights read with the paper's normaliser differ
+        loaded.config.lq_norm = "inverse"
+        other = MonetaForCausalLM(loaded.config)
+        other.load_state_dict(loaded.state_dict())
+        assert (other.eval()(ids).logits - model(ids).logits).abs().max() > 1e-4
 
 
 def test_old_checkpoint_keys_map_to_todays_names():

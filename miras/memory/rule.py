@@ -32,7 +32,7 @@ class RuleConfig:
     q: float = 4.0  # l_q retention
     chunk_size: int = 64
     lq_floor: float = 0.01  # floor tau on ||A||_q before the power (configuration.py says why 0.01)
-    lq_norm: str = "inverse"  # "inverse": W = A / ||A||_q^(q-2) (the paper); "scale_free": see lq_scale
+    lq_norm: str = "inverse"  # the paper's W = A / ||A||_q^(q-2), or "scale_free": see lq_scale
     ln_eps: float = 1e-5  # LayerNorm inside the memory
     smooth_lp: bool | None = None  # None: exact gradient for p >= 2, smooth surrogate for p < 2
     sign_sharpness: float = 10.0  # sign(e) ~ tanh(a e) in the surrogate
@@ -58,10 +58,11 @@ def lq_scale(acc: torch.Tensor, rule: RuleConfig) -> torch.Tensor:
 
     "inverse" (the paper's Eq. 24-25): s = 1 / max(||A||_q, floor)^(q-2). For q > 3 it inverts scale,
     ||W||_q = ||A||_q^(3-q): a commit that grows the accumulator shrinks the memory.
-    "scale_free": s = (rms(A) / M_q(A))^(q-2), M_q(A) = mean(|A|^q)^(1/q) the power mean: a function of A's
-    shape only, in (0, 1] (1 on a flat |A|, smaller the peakier A is), so W is 1-homogeneous in A as with
-    q = 2, the floor is not needed, and a random A_0 is read at about its own scale (s = 3^(-1/2) for q = 4)
-    (docs/model.md, "The memory rule", says why this is the default).
+    "scale_free": s = (||A||_2 / ||A||_q)^(q-2): a function of A's shape only, from 1 on a one-hot A to
+    n^((1/2 - 1/q)(q-2)) on a flat |A| of n entries (sqrt(n) at q = 4; sqrt(n / 3) on a Gaussian A), so W is
+    1-homogeneous in A as with q = 2, a peaky accumulator is read smaller than a spread one, and no floor
+    is needed. It binds across chunk commits where "inverse" does not, and costs the language model
+    (docs/model.md, "The memory rule"; bench/RESULTS.md, "Memory across chunk commits").
     """
     if rule.q == 2:
         return torch.ones_like(acc[..., :1, :1])
@@ -78,14 +79,8 @@ def lq_scale(acc: torch.Tensor, rule: RuleConfig) -> torch.Tensor:
     if rule.lq_norm == "scale_free":
         tiny = torch.finfo(acc.dtype).tiny  # an all-zero A: s = 0, W = 0, and no 0/0 in the backward
         scaled_l2 = (scaled * scaled).sum(dim=(-2, -1), keepdim=True).clamp_min(tiny).sqrt()
-        return (scaled_l2 / scaled_norm.clamp_min(tiny)).pow(rule.q - 2.0) * flat_matrix_factor(acc, rule.q)
+        return (scaled_l2 / scaled_norm.clamp_min(tiny)).pow(rule.q - 2.0)
     return (peak * scaled_norm).clamp_min(rule.lq_floor).pow(-(rule.q - 2.0))
-
-
-def flat_matrix_factor(acc: torch.Tensor, q: float) -> float:
-    """n^((1/q - 1/2)(q - 2)) for n entries: ||A||_2 / ||A||_q = n^(1/2 - 1/q) on a flat |A|; this makes it 1."""
-    entries = acc.shape[-1] * acc.shape[-2]
-    return entries ** ((1.0 / q - 0.5) * (q - 2.0))
 
 
 def abs_pow(x: torch.Tensor, exponent: float) -> torch.Tensor:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .rule import LQ_NORMS, RuleConfig, abs_pow, add_matmul, decay_matrix, flat_matrix_factor, lp_error_gradient
+from .rule import LQ_NORMS, RuleConfig, abs_pow, add_matmul, decay_matrix, lp_error_gradient
 
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
@@ -80,8 +80,7 @@ def _lq_forward(acc: Tensor, rule: RuleConfig):
     if rule.lq_norm == "scale_free":
         tiny = torch.finfo(acc.dtype).tiny
         scaled_l2 = (scaled * scaled).sum(dim=(-2, -1), keepdim=True).clamp_min(tiny).sqrt()
-        scale = (scaled_l2 / scaled_norm.clamp_min(tiny)).pow(rule.q - 2.0) * flat_matrix_factor(acc, rule.q)
-        return scale, peak, scaled_norm, scaled_l2
+        return (scaled_l2 / scaled_norm.clamp_min(tiny)).pow(rule.q - 2.0), peak, scaled_norm, scaled_l2
     scale = (peak * scaled_norm).clamp_min(rule.lq_floor).pow(-(rule.q - 2.0))
     return scale, peak, scaled_norm, torch.ones_like(scale)
 
@@ -92,8 +91,7 @@ def _lq_backward(
     """dA from ds (q > 2), with a = A / peak, n_q = ||a||_q, n_2 = ||a||_2.
 
     "inverse": ds/dN = -(q-2) s / N above the floor, 0 below; dN/dA = sign(A)|A|^(q-1) / N^(q-1).
-    "scale_free": s = c (n_2 / n_q)^(q-2) (c: rule.flat_matrix_factor),
-    ds/dA = (q-2) s / peak * (a / n_2^2 - sign(a)|a|^(q-1) / n_q^q).
+    "scale_free": s = (n_2 / n_q)^(q-2), ds/dA = (q-2) s / peak * (a / n_2^2 - sign(a)|a|^(q-1) / n_q^q).
     """
     scaled = acc / peak
     direction = scaled * scaled.abs() if rule.q == 3 else scaled * abs_pow(scaled, rule.q - 2.0)

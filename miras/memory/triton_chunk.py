@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
-from .rule import RuleConfig, flat_matrix_factor
+from .rule import RuleConfig
 
 # Per chunk-start state, the l_q statistics the backward reads: (peak, n_q, n_2) of A1, then of A2.
 STATS = tl.constexpr(6)
@@ -284,11 +284,10 @@ def _tiny(x):
 
 
 @triton.jit
-def _lq_scale(peak, scaled_norm, scaled_l2, Q: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr,
-              FLAT: tl.constexpr):  # fmt: skip
-    """The normaliser s (rule.lq_scale): 1 / max(||A||_q, floor)^(q-2), or FLAT (n_2 / n_q)^(q-2) scale-free."""
+def _lq_scale(peak, scaled_norm, scaled_l2, Q: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr):
+    """The normaliser s (rule.lq_scale): 1 / max(||A||_q, floor)^(q-2), or (n_2 / n_q)^(q-2) scale-free."""
     if SCALE_FREE:
-        return FLAT * _pow(scaled_l2 / tl.maximum(scaled_norm, _tiny(scaled_norm)), Q - 2.0)
+        return _pow(scaled_l2 / tl.maximum(scaled_norm, _tiny(scaled_norm)), Q - 2.0)
     return 1.0 / _pow(tl.maximum(peak * scaled_norm, LQ_FLOOR), Q - 2.0)
 
 
@@ -397,7 +396,7 @@ def _forward_kernel(
     H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     P: tl.constexpr, Q: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr, ABS_EPS: tl.constexpr,
-    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr, FLAT: tl.constexpr,
+    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr,
     SAVE: tl.constexpr, WRITE_Y: tl.constexpr, PRECISION: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Chunks [c0, c1) of one (row, head); state slots: chunk-start states (SAVE) or two alternating."""
@@ -433,8 +432,8 @@ def _forward_kernel(
         nxt1 = st1 + nxt * state_size
         nxt2 = st2 + nxt * state_size
         if Q != 2.0:
-            s1 = _lq_scale(peak1, norm1, l2_1, Q, LQ_FLOOR, SCALE_FREE, FLAT)
-            s2 = _lq_scale(peak2, norm2, l2_2, Q, LQ_FLOOR, SCALE_FREE, FLAT)
+            s1 = _lq_scale(peak1, norm1, l2_1, Q, LQ_FLOOR, SCALE_FREE)
+            s2 = _lq_scale(peak2, norm2, l2_2, Q, LQ_FLOOR, SCALE_FREE)
             if SAVE:
                 _store_stats(stat_ptr + (pid * NS + cur) * STATS, peak1, norm1, l2_1, peak2, norm2, l2_2)
         else:
@@ -491,7 +490,7 @@ def _backward_kernel(
     H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     P: tl.constexpr, Q: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr, ABS_EPS: tl.constexpr,
-    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr, FLAT: tl.constexpr,
+    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr,
     PRECISION: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Chunks [c0, c1) from the last. da1/da2 hold the gradient of the state after chunk c1 - 1 on entry
@@ -519,8 +518,8 @@ def _backward_kernel(
             row = stat_ptr + (pid * NS + i) * STATS
             peak1, norm1, l2_1 = tl.load(row + 0), tl.load(row + 1), tl.load(row + 2)
             peak2, norm2, l2_2 = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
-            s1 = _lq_scale(peak1, norm1, l2_1, Q, LQ_FLOOR, SCALE_FREE, FLAT)
-            s2 = _lq_scale(peak2, norm2, l2_2, Q, LQ_FLOOR, SCALE_FREE, FLAT)
+            s1 = _lq_scale(peak1, norm1, l2_1, Q, LQ_FLOOR, SCALE_FREE)
+            s2 = _lq_scale(peak2, norm2, l2_2, Q, LQ_FLOOR, SCALE_FREE)
         else:
             s1, s2 = one, one
 
@@ -790,7 +789,6 @@ def _meta(rule: RuleConfig, head_dim: int, width: int, heads: int, dtype: torch.
         LN_EPS=float(rule.ln_eps),
         LQ_FLOOR=float(rule.lq_floor),
         SCALE_FREE=rule.lq_norm == "scale_free",
-        FLAT=flat_matrix_factor(torch.empty(head_dim, width), rule.q),
         PRECISION=_matmul_precision(dtype),
         DT=tl.float64 if dtype == torch.float64 else tl.float32,  # tl.dot's accumulator (explicit for Triton < 3.6)
     )

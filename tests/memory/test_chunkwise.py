@@ -70,11 +70,12 @@ def run_both(x, rule, channelwise, mask=None, impl="torch"):
     return (y, final, running, grads), (y_ref, anchor_ref, run_ref, grads_ref)
 
 
+@pytest.mark.parametrize("lq_norm", ["scale_free", "inverse"])
 @pytest.mark.parametrize("channelwise", [False, True])
 # (64, 23) and (64, 8): one open chunk, which runs padded to 24 and 16 slots, not 64 (chunkwise._short_chunk).
 @pytest.mark.parametrize("chunk_size,length", [(1, 7), (4, 23), (16, 37), (64, 8), (64, 23), (64, 70)])
-def test_chunkwise_equals_token_loop(chunk_size, length, channelwise):
-    rule = RuleConfig(chunk_size=chunk_size)
+def test_chunkwise_equals_token_loop(chunk_size, length, channelwise, lq_norm):
+    rule = RuleConfig(chunk_size=chunk_size, lq_norm=lq_norm)
     x = memory_inputs(length=length, channelwise=channelwise)
     (y, final, running, grads), (y_ref, anchor_ref, run_ref, grads_ref) = run_both(x, rule, channelwise)
     torch.testing.assert_close(y, y_ref, **TOL)
@@ -232,7 +233,8 @@ def test_two_level_checkpointing_gives_the_same_outputs_and_gradients_and_keeps_
         grads = torch.autograd.grad(y.pow(2).sum() + state.a1.sum(), list(leaves.values()))
         results[group] = (y.detach(), state.a1.detach(), grads, kept)
     for got, want in zip(results[4][:2] + results[4][2], results[0][:2] + results[0][2]):
-        torch.testing.assert_close(got, want, **TOL)
+        scale = want.abs().max().clamp_min(1.0)  # relative once a gradient exceeds 1 (some reach ~100)
+        torch.testing.assert_close(got / scale, want / scale, **TOL)
     assert results[4][3] < results[0][3]  # fewer chunk-boundary states saved through the forward
 
 
@@ -262,7 +264,7 @@ def test_compiled_memory_equals_token_loop():
         torch.testing.assert_close(got / scale, want / scale, **TOL, msg=name)
 
 
-def collapsed_head_step(lq_floor: float):
+def collapsed_head_step(lq_floor: float, lq_norm: str = "inverse"):
     """fp32 forward and backward of a head that has shut itself off, at the given normaliser floor.
 
     The fixture is layer 0, head 3 of a real training step (the passkey task at lr 1e-2, tokens 256-458 of
@@ -275,7 +277,7 @@ def collapsed_head_step(lq_floor: float):
     leaves = {name: x[name].clone().requires_grad_(True) for name in NAMES}
     state = MemoryState.initial(leaves["a1"], leaves["a2"], 1, 64, False)
     inputs = [leaves[name] for name in ("q", "k", "v", "eta", "log_alpha")]
-    rule = RuleConfig(lq_floor=lq_floor)
+    rule = RuleConfig(lq_floor=lq_floor, lq_norm=lq_norm)
     y, _ = chunkwise_memory(*inputs, state, leaves["gamma"], leaves["beta"], rule)
     y.backward(x["dy"])
     return y, {name: t.grad for name, t in leaves.items()}
@@ -289,3 +291,11 @@ def test_the_default_floor_keeps_a_collapsed_head_finite_in_fp32():
     # The fixture still reaches the overflow: at the old floor the same step is not finite.
     _, old = collapsed_head_step(1e-6)
     assert [name for name, g in old.items() if not torch.isfinite(g).all()]
+
+
+def test_the_scale_free_normaliser_reads_a_collapsed_head_finitely_in_fp32():
+    """The scale-free normaliser does not grow as the accumulator decays: no floor is needed."""
+    assert RuleConfig().lq_norm == MonetaConfig().lq_norm  # the op's default is the model's
+    y, grads = collapsed_head_step(1e-6, "scale_free")
+    assert torch.isfinite(y).all()
+    assert not [name for name, g in grads.items() if not torch.isfinite(g).all()]
