@@ -78,10 +78,12 @@ def test_the_command_line_names_every_size_and_memory_implementation():
     """args.py writes them out so that parsing imports no torch; they must stay those of the model."""
     from miras.configuration import MODEL_SIZES
     from miras.memory.dispatch import IMPLEMENTATIONS
-    from miras.train.args import MEMORY_IMPLS, MODEL_SIZE_NAMES, PAPER_TOKEN_BUDGET
+    from miras.memory.rule import LQ_NORMS as RULE_LQ_NORMS
+    from miras.train.args import LQ_NORMS, MEMORY_IMPLS, MODEL_SIZE_NAMES, PAPER_TOKEN_BUDGET
 
     assert MODEL_SIZE_NAMES == tuple(MODEL_SIZES) == tuple(PAPER_TOKEN_BUDGET)
     assert MEMORY_IMPLS == IMPLEMENTATIONS
+    assert LQ_NORMS == RULE_LQ_NORMS
 
 
 def test_dry_run_is_quick_and_writes_nothing(tmp_path):
@@ -95,6 +97,13 @@ def test_moneta_checkpoint_group_reaches_the_model_config(tmp_path):
     assert main(args) == 0
     config = json.loads((tmp_path / "g" / "config.json").read_text())
     assert config["model_config"]["memory_checkpoint_group"] == 2
+
+
+def test_moneta_lq_norm_reaches_the_model_config(tmp_path):
+    args = [*TINY, "--max-steps", "1", "--moneta-lq-norm", "scale_free", "--output-dir", str(tmp_path)]
+    assert main([*args, "--run-name", "n"]) == 0
+    config = json.loads((tmp_path / "n" / "config.json").read_text())
+    assert config["model_config"]["lq_norm"] == "scale_free"
 
 
 def test_memory_impl_reaches_the_model_config(tmp_path):

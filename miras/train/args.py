@@ -18,10 +18,12 @@ from ..checkpoint.layout import CHECKPOINTS_DIR, LATEST_NAME
 from ..data_sources import BUILTIN, DEFAULT_HUB_DATASET, PYTHON_SOURCE
 from ..storage import StorageError, check_destination
 
-# The names of miras.configuration.MODEL_SIZES and miras.memory.dispatch.IMPLEMENTATIONS, written out so that
-# parsing the command line (and --help) imports neither torch nor transformers; a test checks they match.
+# The names of miras.configuration.MODEL_SIZES, miras.memory.dispatch.IMPLEMENTATIONS and miras.memory.rule.LQ_NORMS,
+# written out so that parsing the command line (and --help) imports neither torch nor transformers; a test checks
+# they match.
 MODEL_SIZE_NAMES = ("xs", "s", "m", "l", "xl")
 MEMORY_IMPLS = ("auto", "torch", "compiled", "triton")
+LQ_NORMS = ("inverse", "scale_free")
 
 # The paper's token budgets (MIRAS Table 5 and text); also the cosine schedule's horizon.
 PAPER_TOKEN_BUDGET = {"xs": 100_000_000, "s": 15_000_000_000, "m": 15_000_000_000, "l": 30_000_000_000}
@@ -60,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_int,
         default=0,
         help="truncated BPTT inside the memory, in tokens (a multiple of the chunk; 0 = full backprop, the paper)",
+    )
+    add(
+        "--moneta-lq-norm",
+        default="inverse",
+        choices=list(LQ_NORMS),
+        help="the memory's l_q normaliser for a new run: inverse (the paper's) or scale_free (binds across chunk "
+        "commits, trains the language model less stably: docs/model.md); a resumed run keeps its checkpoint's "
+        "(default: inverse)",
     )
     add(
         "--moneta-checkpoint-group",

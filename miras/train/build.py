@@ -167,6 +167,7 @@ def build_model_config(args, tokenizer) -> MonetaConfig:
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         detach_state_every=args.moneta_detach_state_every,
         memory_checkpoint_group=args.moneta_checkpoint_group,
+        lq_norm=args.moneta_lq_norm,
     )
     if args.dry_run and not args.dry_run_full_model:
         dim = args.dry_run_dim
