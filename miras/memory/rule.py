@@ -74,12 +74,13 @@ def lq_scale(acc: torch.Tensor, rule: RuleConfig) -> torch.Tensor:
     # is exact and in the normal range the result is the unscaled formula's up to rounding.
     peak = acc.detach().abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
     peak = torch.exp2(torch.floor(torch.log2(peak)))
+    # The largest |A / peak| is in [1, 2), so both power sums are >= 1 and clamping them at 1 changes nothing,
+    # except for an all-zero A (a head whose accumulators underflowed): finite gradients instead of 0/0 or 0 * inf.
     scaled = acc / peak
-    scaled_norm = abs_pow(scaled, rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
+    scaled_norm = abs_pow(scaled, rule.q).sum(dim=(-2, -1), keepdim=True).clamp_min(1.0).pow(1.0 / rule.q)
     if rule.lq_norm == "scale_free":
-        tiny = torch.finfo(acc.dtype).tiny  # an all-zero A: s = 0, W = 0, and no 0/0 in the backward
-        scaled_l2 = (scaled * scaled).sum(dim=(-2, -1), keepdim=True).clamp_min(tiny).sqrt()
-        return (scaled_l2 / scaled_norm.clamp_min(tiny)).pow(rule.q - 2.0)
+        scaled_l2 = (scaled * scaled).sum(dim=(-2, -1), keepdim=True).clamp_min(1.0).sqrt()
+        return (scaled_l2 / scaled_norm).pow(rule.q - 2.0)
     return (peak * scaled_norm).clamp_min(rule.lq_floor).pow(-(rule.q - 2.0))
 
 

@@ -76,11 +76,10 @@ def _lq_forward(acc: Tensor, rule: RuleConfig):
     peak = acc.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
     peak = torch.exp2(torch.floor(torch.log2(peak)))
     scaled = acc / peak
-    scaled_norm = abs_pow(scaled, rule.q).sum(dim=(-2, -1), keepdim=True).pow(1.0 / rule.q)
+    scaled_norm = abs_pow(scaled, rule.q).sum(dim=(-2, -1), keepdim=True).clamp_min(1.0).pow(1.0 / rule.q)
     if rule.lq_norm == "scale_free":
-        tiny = torch.finfo(acc.dtype).tiny
-        scaled_l2 = (scaled * scaled).sum(dim=(-2, -1), keepdim=True).clamp_min(tiny).sqrt()
-        return (scaled_l2 / scaled_norm.clamp_min(tiny)).pow(rule.q - 2.0), peak, scaled_norm, scaled_l2
+        scaled_l2 = (scaled * scaled).sum(dim=(-2, -1), keepdim=True).clamp_min(1.0).sqrt()
+        return (scaled_l2 / scaled_norm).pow(rule.q - 2.0), peak, scaled_norm, scaled_l2
     scale = (peak * scaled_norm).clamp_min(rule.lq_floor).pow(-(rule.q - 2.0))
     return scale, peak, scaled_norm, torch.ones_like(scale)
 
@@ -96,9 +95,8 @@ def _lq_backward(
     scaled = acc / peak
     direction = scaled * scaled.abs() if rule.q == 3 else scaled * abs_pow(scaled, rule.q - 2.0)
     if rule.lq_norm == "scale_free":
-        tiny = torch.finfo(acc.dtype).tiny
         factor = d_scale * (rule.q - 2.0) * scale / peak
-        return factor * (scaled / scaled_l2.pow(2) - direction / scaled_norm.clamp_min(tiny).pow(rule.q))
+        return factor * (scaled / scaled_l2.pow(2) - direction / scaled_norm.pow(rule.q))
     norm = peak * scaled_norm
     d_norm = d_scale * (-(rule.q - 2.0)) * scale / norm.clamp_min(rule.lq_floor) * (norm >= rule.lq_floor)
     return (d_norm / scaled_norm.pow(rule.q - 1.0)) * direction

@@ -263,7 +263,8 @@ def _peak_and_norm(ptr, dcols, dmask, D: tl.constexpr, M: tl.constexpr, BM: tl.c
         scaled = a / peak
         total += tl.sum(tl.sum(_pow(tl.abs(scaled), Q), 1), 0)
         squares += tl.sum(tl.sum(scaled * scaled, 1), 0)
-    return peak, _pow(total, 1.0 / Q), tl.sqrt(tl.maximum(squares, tiny))
+    # both sums are >= 1 unless A is all zero (rule.lq_scale): the clamps only keep that case finite
+    return peak, _pow(tl.maximum(total, 1.0), 1.0 / Q), tl.sqrt(tl.maximum(squares, 1.0))
 
 
 @triton.jit
@@ -277,17 +278,10 @@ def _store_stats(ptr, peak1, norm1, l2_1, peak2, norm2, l2_2):
 
 
 @triton.jit
-def _tiny(x):
-    if x.dtype == tl.float64:
-        return tl.full([], 2.2250738585072014e-308, tl.float64)
-    return tl.full([], 1.1754943508222875e-38, tl.float32)
-
-
-@triton.jit
 def _lq_scale(peak, scaled_norm, scaled_l2, Q: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr):
     """The normaliser s (rule.lq_scale): 1 / max(||A||_q, floor)^(q-2), or (n_2 / n_q)^(q-2) scale-free."""
     if SCALE_FREE:
-        return _pow(scaled_l2 / tl.maximum(scaled_norm, _tiny(scaled_norm)), Q - 2.0)
+        return _pow(scaled_l2 / scaled_norm, Q - 2.0)
     return 1.0 / _pow(tl.maximum(peak * scaled_norm, LQ_FLOOR), Q - 2.0)
 
 
@@ -297,7 +291,7 @@ def _lq_coefficients(d_scale, scale, peak, scaled_norm, scaled_l2, Q: tl.constex
     """dA = c_dir * a |a|^(q-2) + c_lin * a, a = A / peak, carries ds into A (torch_chunk._lq_backward)."""
     if SCALE_FREE:
         factor = d_scale * (Q - 2.0) * scale / peak
-        c_dir = -factor / _pow(tl.maximum(scaled_norm, _tiny(scaled_norm)), Q)
+        c_dir = -factor / _pow(scaled_norm, Q)
         return c_dir, factor / (scaled_l2 * scaled_l2)
     norm = peak * scaled_norm
     clamped = tl.maximum(norm, LQ_FLOOR)

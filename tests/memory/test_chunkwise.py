@@ -299,3 +299,23 @@ def test_the_scale_free_normaliser_reads_a_collapsed_head_finitely_in_fp32():
     y, grads = collapsed_head_step(1e-6, "scale_free")
     assert torch.isfinite(y).all()
     assert not [name for name, g in grads.items() if not torch.isfinite(g).all()]
+
+
+@pytest.mark.parametrize("lq_norm", ["inverse", "scale_free"])
+def test_an_all_zero_accumulator_reads_and_trains_finitely(lq_norm):
+    """A head whose accumulators underflowed to exactly 0 in fp32 (a head that forgets everything): W = 0, and
+    the normaliser's forward and backward stay finite (no 0/0 in the norms' gradients)."""
+    x = {name: t.float() for name, t in memory_inputs(length=20).items()}
+    x["a1"][1], x["a2"][1] = 0.0, 0.0  # head 1 starts empty
+    leaves = {name: t.clone().requires_grad_() for name, t in x.items()}
+    rule = RuleConfig(chunk_size=8, lq_norm=lq_norm)
+    per_token = (leaves[n] for n in ("q", "k", "v", "eta", "log_alpha"))
+    y, state = chunkwise_memory(*per_token, initial_state(leaves, 8), leaves["gamma"], leaves["beta"], rule)
+    assert "chunk_memory" in type(state.a1.grad_fn).__name__  # the hand-written backward ran
+    grads = torch.autograd.grad((y * y).sum() + state.a1.sum() + state.a2.sum(), list(leaves.values()))
+    assert torch.isfinite(y).all() and torch.isfinite(state.a1).all()
+    assert not [name for name, g in zip(leaves, grads) if not torch.isfinite(g).all()]
+    # the same through autograd on the rule's own normaliser
+    empty = torch.zeros(2, 4, 16, requires_grad=True)
+    (grad,) = torch.autograd.grad(lq_scale(empty, rule).sum(), empty)
+    assert torch.isfinite(lq_scale(empty, rule)).all() and torch.isfinite(grad).all()
