@@ -22,7 +22,7 @@ Choices the paper leaves open, decided once here (docs/model.md, "Model choices"
   previous defaults) recall bound but the language model paid 0.06 bits per byte at step 200;
 - the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0 with the
   inverse normaliser, ~sqrt(n / 3) A_0 for n entries with the scale-free one), the output matrix's times
-  `memory_out_init_scale` (1);
+  `memory_out_init_scale` (1), the input matrix's times `memory_in_init_scale` (1);
 - the inverse normaliser's floor `lq_floor` 0.01 (1% of ||A_0||_q): with q = 4 that memory is A / ||A||^2, so a
   head that learns to forget everything (alpha ~ 0.02) reaches ||A|| ~ 1e-16 and is read at the cap
   1 / floor^2; at a floor of 1e-6 (the earlier default) that cap, 1e12, overflowed fp32 in the memory's
@@ -114,6 +114,7 @@ class MonetaConfig(PreTrainedConfig):
         memory_read_gain_init: float | None = 0.3162,
         memory_read_gain_init_spread: float = 3.162,
         memory_out_init_scale: float = 1.0,
+        memory_in_init_scale: float = 1.0,
         memory_init: str = "random",
         spread_across_layers: bool = False,
         memory_ln_eps: float = 1e-5,
@@ -171,6 +172,12 @@ class MonetaConfig(PreTrainedConfig):
         # the written pairs dominate the read (bench/RESULTS.md, associative recall). With q > 2 the l_q
         # normaliser cancels most of the scale (the reads exactly, the writes only for small gains).
         self.memory_out_init_scale = memory_out_init_scale
+        # Scales the initial accumulator of the memory's input matrix (A2_0, W2). With the scale-free normaliser
+        # W = s(A) A keeps the scale, and a Gaussian A_0 is read at ~sqrt(n / 3) times its size (37x at d_h 32):
+        # both scales at 1 / 37 give the inverse normaliser's initial memory, with which the passkey binds
+        # within a chunk (bench/RESULTS.md, "Memory across chunk commits"). With the inverse normaliser a
+        # scale c reads as 1 / c.
+        self.memory_in_init_scale = memory_in_init_scale
         # "identity": A_0 drawn so that the initial memory is M_0(x) = x + LN(x) (modeling.identity_memory);
         # "random": Gaussian A_0, a random function of the query at first.
         self.memory_init = memory_init
@@ -281,6 +288,7 @@ class MonetaConfig(PreTrainedConfig):
         need(self.memory_init in ("identity", "random"), "memory_init", "'identity' or 'random'")
         need(number("value_norm_eps") > 0, "value_norm_eps", "a number > 0")
         need(number("memory_out_init_scale") > 0, "memory_out_init_scale", "a number > 0 (1 = ||A1_0||_q = 1)")
+        need(number("memory_in_init_scale") > 0, "memory_in_init_scale", "a number > 0 (1 = ||A2_0||_q = 1)")
         need(
             self.inner_grad_clamp is None or number("inner_grad_clamp") > 0, "inner_grad_clamp", "None or a number > 0"
         )

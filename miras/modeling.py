@@ -351,14 +351,14 @@ class MonetaPreTrainedModel(PreTrainedModel):
             if config.memory_init == "identity":
                 a1, a2 = identity_memory(module.num_heads, module.head_dim, config.memory_width, config.q)
                 init.copy_(module.memory_a1, a1 * config.memory_out_init_scale)
-                init.copy_(module.memory_a2, a2)
+                init.copy_(module.memory_a2, a2 * config.memory_in_init_scale)
             else:
                 # ||A_0||_q = 1 in expectation: sum |a|^q = N * E|a|^q with E|a|^4 = 3 sigma^4 for a normal,
                 # so W_0 = A_0 / ||A_0||_q^(q-2) = A_0 and the first reads are neither inflated nor squashed.
                 count = module.memory_a1[0].numel()
                 sigma = (1.0 / (3.0 * count)) ** 0.25
                 init.normal_(module.memory_a1, mean=0.0, std=sigma * config.memory_out_init_scale)
-                init.normal_(module.memory_a2, mean=0.0, std=sigma)
+                init.normal_(module.memory_a2, mean=0.0, std=sigma * config.memory_in_init_scale)
             # Heads start at different inner learning rates and read gains (the memory's own gain and the
             # mixer's read gain r), each log-spaced over [init / spread, init * spread] in the same head
             # order: the best write strength depends on scales the outer loop is still learning, and a

@@ -171,6 +171,7 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("memory_checkpoint_group", -1, "integer >= 0"),
         ("memory_gain_init_spread", 0.5, ">= 1"),
         ("memory_out_init_scale", 0.0, "> 0"),
+        ("memory_in_init_scale", -1.0, "> 0"),
         ("memory_read_gain_init", 0.0, "None \\(no read gain\\) or a number > 0"),
         ("memory_read_gain_init_spread", 0.9, ">= 1 \\(1 = every head starts at memory_read_gain_init\\)"),
         ("memory_impl", "cuda", "one of auto, torch, compiled, triton"),
@@ -351,6 +352,19 @@ def test_memory_out_init_scale_scales_only_the_output_matrix_and_the_inverse_nor
         base2 = tiny_model(eta_init=0.5, **options)
         scaled2 = tiny_model(eta_init=0.5, memory_out_init_scale=0.3, **options)
         assert (scaled2(ids).logits - base2(ids).logits).abs().max() > 1e-3, options
+
+
+def test_memory_in_init_scale_scales_only_the_input_matrix_in_either_initial_memory():
+    for memory_init in ("random", "identity"):
+        base = tiny_model(memory_init=memory_init)
+        scaled = tiny_model(memory_init=memory_init, memory_in_init_scale=0.3)
+        for block, other in zip(base.model.layers, scaled.model.layers):
+            torch.testing.assert_close(other.mixer.memory_a2, 0.3 * block.mixer.memory_a2)
+            assert torch.equal(other.mixer.memory_a1, block.mixer.memory_a1)
+    # The scale-free normaliser keeps the scale: W2_0 is 0.3 times as large, so the first reads differ.
+    ids = random_ids(2, 20)
+    base, scaled = tiny_model(lq_norm="scale_free"), tiny_model(lq_norm="scale_free", memory_in_init_scale=0.3)
+    assert (scaled(ids).logits - base(ids).logits).abs().max() > 1e-3
 
 
 def test_unknown_size_lists_the_sizes():
