@@ -15,6 +15,7 @@ before each step's update, measures at the same weights and on the same batch:
 Examples:
   python bench/commit_gradients.py --steps 15 --model-overrides lq_norm=scale_free
   python bench/commit_gradients.py --steps 6 --carried 4 5 6
+  python bench/commit_gradients.py --quick
 """
 
 from __future__ import annotations
@@ -72,8 +73,11 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--carried", type=int, nargs="*", default=[], help="steps whose per-chunk norms to print")
     parser.add_argument("--model-overrides", nargs="*", default=[], help="key=value MonetaConfig fields")
+    parser.add_argument("--quick", action="store_true", help="2 steps on 2 x 128 bytes: a seconds-long smoke run")
     args = parser.parse_args(argv)
     lm = lm_args(["--steps", "200", "--threads", "1", "--model-overrides", *args.model_overrides])
+    if args.quick:
+        args.steps, args.carried, lm.batch_size, lm.seq_len = 2, [2], 2, 128
     torch.set_num_threads(1)
     data = load_corpus()
     train = data[: int(len(data) * 0.95)]
