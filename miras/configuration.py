@@ -174,7 +174,7 @@ class MonetaConfig(PreTrainedConfig):
         self.memory_out_init_scale = memory_out_init_scale
         # Scales the initial accumulator of the memory's input matrix (A2_0, W2). With the scale-free normaliser
         # W = s(A) A keeps the scale, and a Gaussian A_0 is read at ~sqrt(n / 3) times its size (37x at d_h 32):
-        # both scales at 1 / 37 give the inverse normaliser's initial memory, with which one passkey run in four
+        # both scales at 1 / 37 give the inverse normaliser's initial memory, with which one passkey run in six
         # retrieved whole keys within a chunk (bench/RESULTS.md, "The passkey inside one chunk"). With the
         # inverse normaliser a scale c reads as 1 / c.
         self.memory_in_init_scale = memory_in_init_scale
