@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import math
 import sys
 
@@ -50,10 +51,14 @@ class CarriedNorms:
         self.original = self.steps.backward_step
 
     def __enter__(self):
-        def record(da1, da2, *rest):
-            out = self.original(da1, da2, *rest)
-            read1, read2 = rest[-6], rest[-5]  # da1_read, da2_read: the chunk's own reads' gradients of its anchor
-            self.rows.append(tuple(_pair_norm(a, b) for a, b in ((da1, da2), out[:2], (read1, read2))))
+        signature = inspect.signature(torch_chunk._backward_step)
+
+        def record(*args, **kwargs):
+            out = self.original(*args, **kwargs)
+            named = signature.bind(*args, **kwargs).arguments  # by name, so a reordered signature cannot mislead
+            carried_in = (named["da1_out"], named["da2_out"])
+            reads = (named["da1_read"], named["da2_read"])  # the chunk's own reads' gradients of its anchor
+            self.rows.append(tuple(_pair_norm(a, b) for a, b in (carried_in, out[:2], reads)))
             return out
 
         self.steps.backward_step = record
