@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
@@ -213,6 +214,27 @@ class MonetaMixer(nn.Module):
         # strides would differ between a prefill and a decoding step (one more graph under torch.compile).
         return F.silu(out.transpose(1, 2).contiguous()), padded[..., padded.shape[-1] - tail :].contiguous()
 
+    def _memory_inputs(self, x: torch.Tensor, mask: torch.Tensor | None, conv_state: torch.Tensor | None):
+        """x (B, T, d) -> projection, conv, SiLU -> the memory's q, k (unit length), v (B, H, T, d_h) in fp32."""
+        batch, length, _ = x.shape
+        qkv = self.qkv_proj(x)
+        if mask is not None:
+            qkv = qkv * mask[..., None].to(qkv.dtype)  # padding enters neither the conv nor the memory
+        qkv, new_conv_state = self._causal_conv(qkv, conv_state)
+        q, k, v = (t.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+        v = v.float()
+        if self.value_norm:
+            v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.value_norm_eps)
+        return q, k, v, new_conv_state
+
+    def _gated_output(self, y: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Reads (B, H, T, d_h) -> read gain, per-head RMSNorm in fp32, times SiLU(out_gate_proj(x)): (B, T, d)."""
+        if self.memory_read_gain is not None:
+            y = q + self.memory_read_gain.to(y.dtype)[:, None, None] * (y - q)
+        y = self.out_norm(y.transpose(1, 2)).to(x.dtype).reshape(x.shape)
+        return y * F.silu(self.out_gate_proj(x))
+
     def read_memory(
         self,
         q,
@@ -241,18 +263,18 @@ class MonetaMixer(nn.Module):
         self, x: torch.Tensor, mask: torch.Tensor | None, cache: MonetaCache | None, checkpointed: bool = False
     ) -> torch.Tensor:
         """checkpointed: the block runs this forward again before its backward (activation checkpointing)."""
-        batch, length, d = x.shape
-        heads, dh = self.num_heads, self.head_dim
-        qkv = self.qkv_proj(x)
-        if mask is not None:
-            qkv = qkv * mask[..., None].to(qkv.dtype)  # padding enters neither the conv nor the memory
+        batch, length, _ = x.shape
         conv_state = cache.conv_states[self.layer_idx] if cache is not None else None
-        qkv, new_conv_state = self._causal_conv(qkv, conv_state)
-        q, k, v = (t.view(batch, length, heads, dh).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
-        v = v.float()
-        if self.value_norm:
-            v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + self.value_norm_eps)
+        # The stretches before and after the memory (projections, conv, SiLU, norms, gains, gate) are recomputed in
+        # the backward from the block's normed input x, which the gates keep anyway, instead of keeping every
+        # intermediate: at 8K tokens ~100 MiB per layer (the projection, the conv's padded input, SiLU in and out,
+        # the norms' inputs, the gate with its SiLU in and out) for the q/k/v and gate projections and some
+        # elementwise work done twice. Under block checkpointing the whole block is recomputed anyway.
+        recompute = torch.is_grad_enabled() and not checkpointed
+        if recompute:
+            q, k, v, new_conv_state = checkpoint(self._memory_inputs, x, mask, conv_state, use_reentrant=False)
+        else:
+            q, k, v, new_conv_state = self._memory_inputs(x, mask, conv_state)
         eta, log_alpha = self._gates(x)
 
         state = cache.memory_states[self.layer_idx] if cache is not None else None
@@ -260,14 +282,12 @@ class MonetaMixer(nn.Module):
             state = MemoryState.initial(self.memory_a1, self.memory_a2, batch, self.rule.chunk_size, self.channelwise)
         decoding = length == 1 and cache is not None and not torch.is_grad_enabled()
         y, new_state = self.read_memory(q, k, v, eta, log_alpha, state, mask, decoding, checkpointed)
-        if self.memory_read_gain is not None:
-            y = q + self.memory_read_gain.to(y.dtype)[:, None, None] * (y - q)
         if cache is not None:
             cache.conv_states[self.layer_idx] = new_conv_state
             cache.memory_states[self.layer_idx] = new_state
-
-        y = self.out_norm(y.transpose(1, 2)).to(x.dtype).reshape(batch, length, d)  # per-head RMSNorm in fp32
-        return self.o_proj(y * F.silu(self.out_gate_proj(x)))
+        if recompute:
+            return self.o_proj(checkpoint(self._gated_output, y, q, x, use_reentrant=False))
+        return self.o_proj(self._gated_output(y, q, x))
 
 
 class MonetaBlock(GradientCheckpointingLayer):

@@ -124,6 +124,35 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("read_gain", [None, 0.1])
+def test_the_mixer_keeps_for_its_backward_only_its_input_and_the_memory_operands(read_gain):
+    """The stretches around the memory (projections, conv, SiLU, norms, gate) are recomputed in the backward, so
+    nothing of width 3d (the q/k/v projection, the conv's input and output) is kept, and of width d only the
+    mixer's input and o_proj's input; the gradients are those of the plain forward
+    (test_gradient_checkpointing_gives_the_same_gradients: under block checkpointing nothing is recomputed inside).
+    """
+    model = tiny_model(memory_read_gain_init=read_gain).train()
+    mixer = model.model.layers[0].mixer
+    batch, length, d = 2, 24, model.config.hidden_size
+    x = torch.randn(batch, length, d, requires_grad=True)
+    kept = {}  # storage -> the shapes it was saved as
+
+    weights = {p.untyped_storage().data_ptr() for p in mixer.parameters()}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept.setdefault(t.untyped_storage().data_ptr(), set()).add(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mixer(x, None, None).sum().backward()
+    rows = [shapes for shapes in kept.values() if shapes & {(batch, length, d), (batch * length, d)}]
+    wide = [shapes for shapes in kept.values() if any(s[-1] == 3 * d or 3 * d in s[1:2] for s in shapes)]
+    assert not wide, wide  # the projection, the conv's padded input and its output
+    assert len(rows) == 2, rows  # x and o_proj's input
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_sharded_save_loads_with_auto_classes(tmp_path):
     model = tiny_model()
     ids = random_ids(2, 19)
@@ -481,9 +510,11 @@ def test_the_pad_token_row_learns_like_any_other():
     assert model.model.embed_tokens.weight.grad[3].abs().sum() > 0
 
 
-def test_compiled_model_equals_eager_for_a_training_step_and_for_decoding():
-    """torch.compile(model, fullgraph=True): one graph, no break and no host sync, for a training step under block
-    checkpointing (forward and the joint backward) and for one-token decoding steps across a chunk boundary.
+@pytest.mark.parametrize("block_checkpointing", [True, False])
+def test_compiled_model_equals_eager_for_a_training_step_and_for_decoding(block_checkpointing):
+    """torch.compile(model, fullgraph=True): one graph, no break and no host sync, for a training step with and
+    without block checkpointing (forward and the joint backward; without it the mixer recomputes the stretches
+    around the memory itself) and for one-token decoding steps across a chunk boundary.
 
     Backend aot_eager: what can break a graph or sync the host is in the capture (Dynamo, AOTAutograd), which this
     runs in full; Inductor's C++ code generation would add ~100 CPU seconds (it is exercised by
@@ -491,7 +522,8 @@ def test_compiled_model_equals_eager_for_a_training_step_and_for_decoding():
     """
     torch._dynamo.reset()
     model = tiny_model(num_hidden_layers=1, chunk_size=4).train()
-    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    if block_checkpointing:
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     ids = random_ids(2, 10)  # two full chunks and an open one
     grads = []
