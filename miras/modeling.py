@@ -87,6 +87,19 @@ class MonetaMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class CausalDepthwiseConv1d(nn.Conv1d):
+    """The mixer's depthwise conv (an nn.Conv1d: same weight, state dict and hooks). For one output step, the
+    decoding case, it is a product and a sum over the kernel: the convolution kernel's dispatch there costs ~10x
+    the arithmetic (0.1 ms against 0.01 ms per call on the CPU).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] == self.kernel_size[0] and self.groups == self.in_channels == self.out_channels:
+            out = (x * self.weight.squeeze(1)).sum(-1, keepdim=True)
+            return out if self.bias is None else out + self.bias[:, None]
+        return super().forward(x)
+
+
 class MonetaCache(Cache):
     """Each layer's recurrent state: the conv tail and the memory state (accumulators + open chunk).
 
@@ -151,7 +164,7 @@ class MonetaMixer(nn.Module):
         self.config = config  # config.memory_impl, read at each call: what runs the chunk sequence (memory/dispatch.py)
         d, heads, dh, width = config.hidden_size, config.num_heads, config.head_dim, config.memory_width
         self.qkv_proj = nn.Linear(d, 3 * d, bias=False)
-        self.conv = nn.Conv1d(3 * d, 3 * d, config.conv_size, groups=3 * d, bias=False)
+        self.conv = CausalDepthwiseConv1d(3 * d, 3 * d, config.conv_size, groups=3 * d, bias=False)
         if self.channelwise:
             self.gate_down = nn.Linear(d, 2 * config.gate_rank, bias=False)
             self.eta_up = nn.Linear(config.gate_rank, d, bias=True)

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from miras import MonetaCache, MonetaConfig, MonetaForCausalLM, count_parameters
+from miras.modeling import CausalDepthwiseConv1d
 
 
 def tiny_config(**overrides):
@@ -499,6 +500,21 @@ def test_the_conv_runs_through_its_module():
     with torch.no_grad():
         plain = model(ids).logits
     assert calls and not torch.allclose(hooked, plain)  # the hook saw the call and its output was used
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("length", [4, 9])  # one output step (decoding's product-and-sum), then the conv kernel
+def test_the_causal_conv_equals_a_depthwise_conv1d(bias, length):
+    torch.manual_seed(0)
+    conv = CausalDepthwiseConv1d(6, 6, 4, groups=6, bias=bias).double()
+    reference = torch.nn.Conv1d(6, 6, 4, groups=6, bias=bias).double()
+    reference.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 6, length, dtype=torch.float64, requires_grad=True)
+    out, expected = conv(x), reference(x)
+    assert out.shape == expected.shape == (2, 6, length - 3)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(out.sum(), (x, conv.weight))
+    torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), (x, reference.weight)), rtol=0, atol=1e-12)
 
 
 def test_the_pad_token_row_learns_like_any_other():
