@@ -94,7 +94,8 @@ class CausalDepthwiseConv1d(nn.Conv1d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] == self.kernel_size[0] and self.groups == self.in_channels == self.out_channels:
+        plain = self.padding == (0,) and self.stride == (1,) and self.dilation == (1,)
+        if plain and x.shape[-1] == self.kernel_size[0] and self.groups == self.in_channels == self.out_channels:
             out = (x * self.weight.squeeze(1)).sum(-1, keepdim=True)
             return out if self.bias is None else out + self.bias[:, None]
         return super().forward(x)

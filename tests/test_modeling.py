@@ -137,7 +137,6 @@ def test_the_mixer_keeps_for_its_backward_only_its_input_and_the_memory_operands
     batch, length, d = 2, 24, model.config.hidden_size
     x = torch.randn(batch, length, d, requires_grad=True)
     kept = {}  # storage -> the shapes it was saved as
-
     weights = {p.untyped_storage().data_ptr() for p in mixer.parameters()}
 
     def pack(t):
@@ -515,6 +514,12 @@ def test_the_causal_conv_equals_a_depthwise_conv1d(bias, length):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
     grads = torch.autograd.grad(out.sum(), (x, conv.weight))
     torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), (x, reference.weight)), rtol=0, atol=1e-12)
+
+
+def test_the_causal_conv_leaves_a_padded_conv_to_the_kernel():
+    conv = CausalDepthwiseConv1d(6, 6, 4, groups=6, bias=False, padding=1).double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    assert conv(x).shape == (2, 6, 3)  # padding 1 on both sides: 4 + 2 - 3 outputs, not the one-step form's 1
 
 
 def test_the_pad_token_row_learns_like_any_other():
