@@ -9,7 +9,6 @@ checks the folder holds nothing but those inputs afterwards.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -61,7 +60,7 @@ CASES = [
      None, "line 2: not valid JSON", 2),
     ("not-parquet", ["train", *TRAIN, "--dataset", "data.parquet"], raw("data.parquet", b"PAR0 not parquet"),
      None, "is not a parquet file", 2),
-    ("file-of-another-kind", ["train", *TRAIN, "--dataset", sys.executable], None, None,
+    ("file-of-another-kind", ["train", *TRAIN, "--dataset", "./program"], raw("program", b"\x7fELF\x02\x01\x01"), None,
      "is a suffix-less file (accepted: .txt, .jsonl, .json or .parquet", 2),
     ("missing-path", ["train", *TRAIN, "--dataset", "./corpus"], None, None, "'./corpus': no such file or folder", 2),
     ("missing-file", ["train", *TRAIN, "--dataset", "no/such/file.jsonl"], None, None, "no such file", 2),
