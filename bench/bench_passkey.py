@@ -18,6 +18,10 @@ against a LlamaForCausalLM (sdpa, RoPE) of the same width, depth and heads with 
 match MONETA's parameter count: the recurrent model carries a state of fixed size, the Llama's RoPE
 positions beyond the trained length are new to it.
 
+`--mixer` swaps MONETA's memory op as in bench_recall.py (`off`: the read disabled; `linear-attention`:
+a plain linear memory in its place, the rest of the model unchanged; its quadratic form suits short
+lengths only).
+
 `--lm-weight W` adds W times the next-byte loss on every byte to the digits' loss (the way a pretrained
 model meets the task); the log shows both either way.
 
@@ -30,6 +34,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -42,6 +47,7 @@ from transformers import LlamaForCausalLM
 
 import miras
 from miras.evaluation import next_token_losses
+from miras.probes import MIXERS, memory_replaced
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 KEY_SENTENCE = "The pass key is {key}. Remember it. {key} is the pass key. "
@@ -147,6 +153,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     parser.add_argument("--models", nargs="+", default=["moneta", "llama"], choices=["moneta", "llama"])
+    parser.add_argument("--mixer", choices=sorted(MIXERS), default="moneta", help="MONETA's memory op (see above)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--min-train-len", type=int, default=128)
@@ -187,14 +194,18 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed)
         model = miras.MonetaForCausalLM(config) if name == "moneta" else LlamaForCausalLM(llama_config)
         print(f"{name}: {moneta_params if name == 'moneta' else llama_params:,} parameters")
-        curve = train(model, args, lambda line, name=name: print(f"{name} {line}", flush=True))
-        evals = []
-        for length in args.eval_lens:
-            started = time.perf_counter()
-            row = evaluate(model, length, args.eval_samples, args.eval_batch_size, args.seed)
-            row["seconds"] = time.perf_counter() - started
-            evals.append(row)
-            print(f"{name} eval {length:6d}: retrieved {row['retrieved']:.3f}, digits {row['digits']:.3f}", flush=True)
+        swapped = name == "moneta" and MIXERS[args.mixer] is not None
+        with memory_replaced(model, MIXERS[args.mixer]) if swapped else contextlib.nullcontext():
+            curve = train(model, args, lambda line, name=name: print(f"{name} {line}", flush=True))
+            evals = []
+            for length in args.eval_lens:
+                started = time.perf_counter()
+                row = evaluate(model, length, args.eval_samples, args.eval_batch_size, args.seed)
+                row["seconds"] = time.perf_counter() - started
+                evals.append(row)
+                print(
+                    f"{name} eval {length:6d}: retrieved {row['retrieved']:.3f}, digits {row['digits']:.3f}", flush=True
+                )
         results[name] = {"train_curve": curve, "eval": evals}
     print("\n| model | " + " | ".join(f"{n} tokens" for n in args.eval_lens) + " |")
     print("|---|" + "---|" * len(args.eval_lens))

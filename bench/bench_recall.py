@@ -31,17 +31,9 @@ import torch
 from bench_lm_quality import parse_overrides
 
 from miras import MonetaConfig
-from miras.probes import query_only, train_recall
+from miras.probes import MIXERS, train_recall
 
 RECALL_MODEL = dict(hidden_size=128, num_hidden_layers=2, num_heads=4, intermediate_size=256)
-
-
-def linear_attention(q, k, v, eta, log_alpha, state, mask=None, decoding=False, keep_intermediates=False):
-    causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
-    return q + ((q @ k.transpose(-1, -2)) * causal) @ v, state
-
-
-MIXERS = {"moneta": None, "off": query_only, "linear-attention": linear_attention}
 
 
 def run_seed(job: tuple) -> dict:

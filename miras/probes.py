@@ -10,6 +10,7 @@
   first answer, so more queries leak.
 - `train_recall`: trains a fresh model on that task (AdamW, cosine decay to 10%, clip 1) and
   returns its accuracy curve: what `bench/bench_recall.py` and `tests/test_modeling_recall.py` run.
+- `linear_attention`: a plain linear memory in the memory op's place, the reference a memory should reach.
 - `memory_replaced` / `memory_read_off`: the memory op of every mixer of a model replaced for a
   while (forward and backward), for ablations: read off, the mixer passes its query on, so the
   model keeps its projections, conv, gates, norms and output gate but only local context.
@@ -53,6 +54,16 @@ MemoryFunction = Callable[..., tuple[torch.Tensor, object]]
 def query_only(q, k, v, eta, log_alpha, state, mask=None, decoding=False, keep_intermediates=False):
     """No memory: the read is the query itself (v kept in the graph, so every parameter gets a gradient)."""
     return q + 0 * v, state
+
+
+def linear_attention(q, k, v, eta, log_alpha, state, mask=None, decoding=False, keep_intermediates=False):
+    """y_t = q_t + sum_{j<=t} (q_t . k_j) v_j: what a plain linear memory (no gates, no decay) reaches."""
+    causal = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=q.device).tril()
+    return q + ((q @ k.transpose(-1, -2)) * causal) @ v, state
+
+
+# The memory ops a bench can swap in (None: the model's own).
+MIXERS: dict[str, MemoryFunction | None] = {"moneta": None, "off": query_only, "linear-attention": linear_attention}
 
 
 @contextlib.contextmanager

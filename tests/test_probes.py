@@ -3,7 +3,7 @@
 import torch
 
 from miras import MonetaConfig, MonetaForCausalLM
-from miras.probes import memory_read_off, recall_batch, train_recall
+from miras.probes import linear_attention, memory_read_off, recall_batch, train_recall
 
 
 def test_recall_batch_asks_one_of_the_pairs_after_the_gap_and_labels_only_its_value():
@@ -43,3 +43,18 @@ def test_train_recall_stops_when_asked_and_reports_its_curve():
     config = MonetaConfig(vocab_size=17, hidden_size=32, num_hidden_layers=1, num_heads=2, intermediate_size=64)
     result = train_recall(config, steps=60, batch_size=8, stop_at=0.0)
     assert result["steps_run"] == 50 and len(result["curve"]) == 1 and result["chance"] == 1 / 8
+
+
+def test_linear_attention_reads_the_query_plus_every_earlier_value_weighted_by_its_key_match():
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 7, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    y, state = linear_attention(q, k, v, eta=None, log_alpha=None, state="kept")
+    expected = torch.stack(
+        [
+            q[:, :, t] + sum((q[:, :, t] * k[:, :, j]).sum(-1, keepdim=True) * v[:, :, j] for j in range(t + 1))
+            for t in range(7)
+        ],
+        dim=2,
+    )
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    assert state == "kept"
