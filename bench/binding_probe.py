@@ -99,8 +99,11 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--sequences", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run")
     args = parser.parse_args()
-    std, ratio1, ratio2 = write_size()
+    if args.quick:
+        args.writes, args.sequences = [4], 100
+    std, ratio1, ratio2 = write_size(draws=10 if args.quick else 200)
     print(
         f"initial memory: std of W1 gelu(W2 k) {std:.3f}; one write at eta 1 moves W1 by {ratio1:.0f}x "
         f"and W2 by {ratio2:.0f}x their norm"
