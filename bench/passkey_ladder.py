@@ -11,7 +11,9 @@ autograd's. Each ingredient switches alone:
 - `--residual 1`: the error is x + f(x) - v (MONETA's residual) instead of f(x) - v;
 - `--p`: the l_p loss of the error (2 = the delta rule, 3 = MONETA's);
 - `--init S`: W_0 drawn at S times MONETA's initial scale (0 = zero), fixed, not learned;
-- `--write-scale W`: the model's eta gates (0 .. eta_max) times W.
+- `--write-scale W`: the model's eta gates (0 .. eta_max) times W;
+- `--write-in-scale S`: the MLP's input matrix W2 takes S times the write its output matrix W1 takes (0: fixed
+  random features, a linear memory over gelu(W2_0 x)).
 
 The mixer's read gain, per-head norm and output gate are the model's, as are the eta and decay gates.
 
@@ -83,7 +85,7 @@ def anchored_memory(args):
             z_q = decay_of_w0 * (q @ w.T) - (weight * (q @ k.transpose(-1, -2))) @ grad
         else:
             grad_h = (grad @ w1) * gelu_derivative(h_k)
-            h_q = decay_of_w0 * (q @ w2.T) - (weight * (q @ k.transpose(-1, -2))) @ grad_h
+            h_q = decay_of_w0 * (q @ w2.T) - args.write_in_scale * (weight * (q @ k.transpose(-1, -2))) @ grad_h
             a_q = F.gelu(h_q)
             z_q = decay_of_w0 * (a_q @ w1.T) - (weight * (a_q @ a_k.transpose(-1, -2))) @ grad
         return q + (layer_norm(z_q) if args.ln else z_q), state
@@ -99,6 +101,7 @@ def main() -> None:
     parser.add_argument("--p", type=float, default=3.0)
     parser.add_argument("--init", type=float, default=1.0)
     parser.add_argument("--write-scale", type=float, default=1.0)
+    parser.add_argument("--write-in-scale", type=float, default=1.0)
     args, passkey_argv = parser.parse_known_args()
     MIXERS["ladder"] = anchored_memory(args)
     print(f"ladder rung: {vars(args)}", flush=True)

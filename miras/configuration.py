@@ -72,6 +72,7 @@ FIELDS_ADDED_LATER: dict[str, object] = {
     "memory_read_gain_init": None,
     "memory_read_gain_init_spread": 1.0,
     "lq_norm": "inverse",
+    "memory_update_input": True,
 }
 
 
@@ -105,6 +106,7 @@ class MonetaConfig(PreTrainedConfig):
         alpha_init_spread: float = 1.0,
         lq_floor: float = 0.01,
         lq_norm: str = "inverse",
+        memory_update_input: bool = True,
         smooth_lp: bool | None = None,
         sign_sharpness: float = 10.0,
         abs_eps: float = 1e-6,
@@ -151,6 +153,10 @@ class MonetaConfig(PreTrainedConfig):
         self.alpha_init_spread = alpha_init_spread
         self.lq_floor = lq_floor
         self.lq_norm = lq_norm
+        # Whether the inner loop writes the memory's input matrix too (the paper's MONETA: both W1 and W2 of
+        # M(x) = x + LN(W1 gelu(W2 x)) are written), or only its output matrix W1, with W2 = s(A2_0) A2_0 a
+        # feature map of the keys that the outer loop learns and the sequence never changes.
+        self.memory_update_input = memory_update_input
         self.smooth_lp = smooth_lp
         self.sign_sharpness = sign_sharpness
         self.abs_eps = abs_eps
@@ -268,6 +274,7 @@ class MonetaConfig(PreTrainedConfig):
         )
         need(number("lq_floor") > 0, "lq_floor", "a number > 0")
         need(self.lq_norm in LQ_NORMS, "lq_norm", f"one of {', '.join(LQ_NORMS)}")
+        need(isinstance(self.memory_update_input, bool), "memory_update_input", "true or false")
         need(number("memory_gain_init") > 0, "memory_gain_init", "a number > 0")
         need(
             number("memory_gain_init_spread") >= 1,

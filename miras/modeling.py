@@ -198,6 +198,7 @@ class MonetaMixer(nn.Module):
             inner_grad_clamp=config.inner_grad_clamp,
             detach_state_every=config.detach_state_every,
             checkpoint_group=config.memory_checkpoint_group,
+            update_input=config.memory_update_input,
         )
 
     def _gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,9 +26,14 @@ def random_ids(batch, length, seed=1, vocab=101):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("channelwise, read_gain", [(False, None), (True, None), (False, 0.1)])
-def test_decoding_with_cache_matches_full_forward_at_every_position(channelwise, read_gain):
-    model = tiny_model(channelwise_gates=channelwise, memory_read_gain_init=read_gain)
+@pytest.mark.parametrize(
+    "channelwise, read_gain, update_input",
+    [(False, None, True), (True, None, True), (False, 0.1, True), (False, 0.1, False)],
+)
+def test_decoding_with_cache_matches_full_forward_at_every_position(channelwise, read_gain, update_input):
+    model = tiny_model(
+        channelwise_gates=channelwise, memory_read_gain_init=read_gain, memory_update_input=update_input
+    )
     ids = random_ids(2, 37)  # chunk 8: four boundaries and an open chunk
     with torch.no_grad():
         full = model(ids).logits
@@ -206,6 +211,7 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("memory_impl", "cuda", "one of auto, torch, compiled, triton"),
         ("memory_init", "zeros", "'identity' or 'random'"),
         ("lq_norm", "paper", "one of inverse, scale_free"),
+        ("memory_update_input", "no", "true or false"),
         ("value_norm", 1, "true or false"),
         ("value_norm_eps", 0.0, "> 0"),
         ("alpha_init_spread", 0.5, ">= 1"),
@@ -460,6 +466,28 @@ def test_a_scale_free_model_saves_and_loads_as_scale_free(tmp_path):
         other = MonetaForCausalLM(loaded.config)
         other.load_state_dict(loaded.state_dict())
         assert (other.eval()(ids).logits - model(ids).logits).abs().max() > 1e-4
+
+
+def test_a_model_with_a_fixed_input_matrix_saves_and_loads_as_such(tmp_path):
+    """`memory_update_input` travels in config.json; a config.json without it (saved before it existed) reads
+    as the paper's memory, both matrices written."""
+    import json
+
+    model = tiny_model(memory_update_input=False, chunk_size=4).eval()
+    model.save_pretrained(tmp_path)
+    loaded = MonetaForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.memory_update_input is False
+    assert all(not block.mixer.rule.update_input for block in loaded.model.layers)
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["memory_update_input"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    older = MonetaForCausalLM.from_pretrained(tmp_path).eval()
+    assert older.config.memory_update_input is True
+    with torch.no_grad():  # the same weights with both matrices written read differently
+        assert (older(ids).logits - model(ids).logits).abs().max() > 1e-4
 
 
 def test_old_checkpoint_keys_map_to_todays_names():

@@ -2,7 +2,8 @@
 
 Nothing here is fast or batched cleverly; each line is one equation of the token-by-token form
 (docs/model.md, "Chunks: the dual form"): at a chunk start the anchor W = s(A) * A is frozen; each
-token's gradient is taken at that anchor; the accumulators decay and step; the token reads
+token's gradient is taken at that anchor; the accumulators decay and step (A2 only with
+rule.update_input); the token reads
 M(q; s_anchor * A_t). Masked tokens are skipped entirely (they do not count toward the chunk position).
 """
 
@@ -46,10 +47,12 @@ def naive_memory(q, k, v, eta, log_alpha, a1, a2, gamma, beta, rule: RuleConfig,
                 alpha, step = log_alpha[bi, hi, t].exp(), eta[bi, hi, t]
                 if alpha.dim() == 0:  # per-head gates
                     acc1 = alpha * acc1 - step * torch.outer(gz, act)
-                    acc2 = alpha * acc2 - step * torch.outer(gh, k[bi, hi, t])
+                    if rule.update_input:
+                        acc2 = alpha * acc2 - step * torch.outer(gh, k[bi, hi, t])
                 else:  # channel-wise over d_h: rows of A1, columns of A2
                     acc1 = alpha[:, None] * acc1 - torch.outer(step * gz, act)
-                    acc2 = alpha[None, :] * acc2 - torch.outer(gh, step * k[bi, hi, t])
+                    if rule.update_input:
+                        acc2 = alpha[None, :] * acc2 - torch.outer(gh, step * k[bi, hi, t])
                 count += 1
                 outputs.append(memory_read(q[bi, hi, t], s1 * acc1, s2 * acc2, gamma[hi], beta[hi], rule))
             ys[bi, hi] = torch.stack(outputs)

@@ -76,7 +76,7 @@ def running_accumulators(state: MemoryState, a1, a2, scale1, scale2, gamma, beta
     channelwise = state.buffer_eta.dim() == 4
     causal = torch.ones(1, rule.chunk_size, dtype=torch.bool, device=a1.device)
     weights = decay_weights(last, cumulative, state.buffer_eta.to(a1.dtype), causal, channelwise)
-    return committed_accumulators(a1, a2, buffer_k, grads, weights[:, :, 0], last[:, :, 0].exp())
+    return committed_accumulators(a1, a2, buffer_k, grads, weights[:, :, 0], last[:, :, 0].exp(), rule.update_input)
 
 
 def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
@@ -100,10 +100,12 @@ def _memory_step(q, k, v, eta, log_alpha, state, gamma, beta, rule, mask):
     alpha = log_alpha.exp()
     if channelwise:  # over d_h: the rows of A1 (outputs) and the columns of A2 (inputs)
         run1 = alpha.transpose(-1, -2) * run1 - (grads.gz * eta).transpose(-1, -2) @ grads.act
-        run2 = run2 * alpha - grads.gh.transpose(-1, -2) @ (k * eta)
+        if rule.update_input:
+            run2 = run2 * alpha - grads.gh.transpose(-1, -2) @ (k * eta)
     else:  # the decayed copy is a temporary, so (without autograd) the rank-1 step accumulates into it in place
         run1 = add_matmul(alpha[..., None] * run1, (grads.gz * -eta[..., None]).transpose(-1, -2), grads.act)
-        run2 = add_matmul(alpha[..., None] * run2, grads.gh.transpose(-1, -2), k * -eta[..., None])
+        if rule.update_input:
+            run2 = add_matmul(alpha[..., None] * run2, grads.gh.transpose(-1, -2), k * -eta[..., None])
     act_q = gelu((q * scale2) @ run2.transpose(-1, -2))
     u, _, _ = layer_norm((act_q @ run1.transpose(-1, -2)) * scale1, gamma, beta, rule.ln_eps)
     y = q + u

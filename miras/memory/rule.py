@@ -40,6 +40,9 @@ class RuleConfig:
     inner_grad_clamp: float | None = None  # soft clamp on each token's error-gradient norm
     detach_state_every: int = 0  # tokens; truncated BPTT inside the op (0 = never)
     checkpoint_group: int = 0  # chunks per outer checkpoint (two-level recompute); 0 or 1 = per chunk only
+    # False: the inner loop writes the output matrix only; the input matrix W2 = s(A2) A2 keeps its initial
+    # value, a feature map of the keys learned by the outer loop (configuration.py, memory_update_input).
+    update_input: bool = True
 
     @property
     def uses_surrogate(self) -> bool:
@@ -216,8 +219,11 @@ def dual_form_read(
     channelwise = weights.dim() == queries.dim() + 1
     if channelwise:
         # A2 is gated on its input (d_h) axis: the decay scales q, D enters the q.k contraction.
-        qk = torch.einsum("...tc,...jc,...tjc->...tj", queries, keys, weights)
-        h = scale2 * ((queries * query_decay) @ anchor_a2.transpose(-1, -2) - qk @ grads.gh)
+        if rule.update_input:
+            qk = torch.einsum("...tc,...jc,...tjc->...tj", queries, keys, weights)
+            h = scale2 * ((queries * query_decay) @ anchor_a2.transpose(-1, -2) - qk @ grads.gh)
+        else:  # the input matrix neither decays nor takes writes
+            h = scale2 * (queries @ anchor_a2.transpose(-1, -2))
         act_q = gelu(h)
         # A1 is gated on its output (d_h) axis: each output channel has its own decay.
         aa = act_q @ grads.act.transpose(-1, -2)
@@ -229,11 +235,14 @@ def dual_form_read(
         # The scalars and the minus sign go onto the smallest operand ((b, d_h) or (b, b), not
         # (b, m)), and the sum rides in the matmul (baddbmm): fewer full passes over (b, m) tensors.
         decay = query_decay.unsqueeze(-1)
-        h = add_matmul(
-            (queries * (decay * scale2)) @ anchor_a2.transpose(-1, -2),
-            weights * -scale2 * (queries @ keys.transpose(-1, -2)),
-            grads.gh,
-        )
+        if rule.update_input:
+            h = add_matmul(
+                (queries * (decay * scale2)) @ anchor_a2.transpose(-1, -2),
+                weights * -scale2 * (queries @ keys.transpose(-1, -2)),
+                grads.gh,
+            )
+        else:  # the input matrix neither decays nor takes writes
+            h = (queries * scale2) @ anchor_a2.transpose(-1, -2)
         act_q = gelu(h)
         z = add_matmul(
             (act_q @ anchor_a1.transpose(-1, -2)) * (decay * scale1),
@@ -244,18 +253,24 @@ def dual_form_read(
     return queries + u
 
 
-def committed_accumulators(anchor_a1, anchor_a2, keys, grads: AnchorGradients, last_weights, total_decay):
-    """Accumulators at the chunk end: A = decay_b * A_anchor - sum_j D[b, j] * grad_j.
+def committed_accumulators(
+    anchor_a1, anchor_a2, keys, grads: AnchorGradients, last_weights, total_decay, update_input: bool = True
+):
+    """Accumulators at the chunk end: A = decay_b * A_anchor - sum_j D[b, j] * grad_j (A2 unchanged
+    when not update_input).
 
     last_weights: D[b, :], (..., j) or (..., j, d_h); total_decay: exp(c_b), (...) or (..., d_h).
     """
+    a2 = anchor_a2
     if last_weights.dim() == keys.dim():  # channel-wise over d_h
-        a2 = anchor_a2 * total_decay.unsqueeze(-2) - grads.gh.transpose(-1, -2) @ (keys * last_weights)
+        if update_input:
+            a2 = anchor_a2 * total_decay.unsqueeze(-2) - grads.gh.transpose(-1, -2) @ (keys * last_weights)
         a1 = anchor_a1 * total_decay.unsqueeze(-1) - (grads.gz * last_weights).transpose(-1, -2) @ grads.act
     else:
         decay = total_decay[..., None, None]
         minus_w = -last_weights.unsqueeze(-1)
-        a2 = add_matmul(decay * anchor_a2, grads.gh.transpose(-1, -2), keys * minus_w)
+        if update_input:
+            a2 = add_matmul(decay * anchor_a2, grads.gh.transpose(-1, -2), keys * minus_w)
         a1 = add_matmul(decay * anchor_a1, (grads.gz * minus_w).transpose(-1, -2), grads.act)
     return a1, a2
 
@@ -291,7 +306,7 @@ def chunk_step(a1, a2, q, k, v, eta, log_alpha, gamma, beta, full, causal, rule:
     y = dual_form_read(q, a1, a2, scale1, scale2, k, grads, weights, query_decay, gamma, beta, rule)
     last_weights = weights[:, :, -1]
     total_decay = query_decay[:, :, -1]
-    new_a1, new_a2 = committed_accumulators(a1, a2, k, grads, last_weights, total_decay)
+    new_a1, new_a2 = committed_accumulators(a1, a2, k, grads, last_weights, total_decay, rule.update_input)
     if full is not None:
         keep = full[:, None, None, None]
         new_a1 = torch.where(keep, new_a1, a1)

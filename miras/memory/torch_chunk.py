@@ -161,7 +161,7 @@ def _forward_step(a1, a2, k, v, last_w, total, full, gamma, beta, rule: RuleConf
     gh = torch.ops.aten.gelu_backward(gz_w, h)
     minus_w = -last_w.unsqueeze(-1)
     decay = total[..., None, None]
-    new_a2 = add_matmul(decay * a2, _bt(gh), k * minus_w)
+    new_a2 = add_matmul(decay * a2, _bt(gh), k * minus_w) if rule.update_input else a2
     new_a1 = add_matmul(decay * a1, _bt(gz * minus_w), act)
     if full is not None:  # rows whose chunk is not full keep their anchor (the chunk stays open)
         keep = full[:, None, None, None]
@@ -180,7 +180,10 @@ def _anchor_recompute(a1, a2, s1, s2, k, v, gamma, beta, rule: RuleConfig):
 def _read(q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, gamma, beta, rule: RuleConfig):
     """The dual-form reads of many chunks at once: y and the products the backward needs (hq, aq A1^T, zq, aq act^T)."""
     qd = query_decay.unsqueeze(-1)
-    hq = add_matmul((q * (qd * s2)) @ _bt(a2), weights * -s2 * (q @ _bt(k)), gh)
+    if rule.update_input:
+        hq = add_matmul((q * (qd * s2)) @ _bt(a2), weights * -s2 * (q @ _bt(k)), gh)
+    else:  # the input matrix neither decays nor takes writes
+        hq = (q * s2) @ _bt(a2)
     aq = F.gelu(hq)
     s_aa = aq @ _bt(act)
     a_q = aq @ _bt(a1)
@@ -196,9 +199,6 @@ def _read_backward(dy, q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, 
     gradients), ds1, ds2, dD, dQ and the LayerNorm affine's gradients (summed over chunks and rows).
     """
     qd = query_decay.unsqueeze(-1)
-    scores = q @ _bt(k)
-    qs = q * (qd * s2)
-    p_neg = weights * -s2 * scores
     aq = F.gelu(hq)
     zq_hat, std_q = _layer_norm_stats(zq, rule.ln_eps)
     sum_rows = tuple(range(dy.dim() - 3)) + (dy.dim() - 2,)  # every dim but (H, d_h)
@@ -220,17 +220,24 @@ def _read_backward(dy, q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, 
     d_aq = add_matmul(d_aq_out @ a1, d_saa, act)
     da1 = _bt(d_aq_out) @ aq
     d_act = _bt(d_saa) @ aq
-    # hq = (q Q s2) A2^T + (D * -s2 * S) gh
     d_hq = torch.ops.aten.gelu_backward(d_aq, hq)
+    d_qs = d_hq @ a2
+    row = (d_qs * q).sum(-1)
+    if not rule.update_input:  # hq = (q s2) A2^T
+        da2 = _bt(d_hq) @ (q * s2)
+        d_s2 = row.sum(-1)[..., None, None]
+        dq = dy + d_qs * s2
+        return dq, torch.zeros_like(k), da1, da2, torch.zeros_like(gh), d_gz, d_act, d_s1, d_s2, d_weights, d_qd, \
+            d_gamma, d_beta  # fmt: skip
+    # hq = (q Q s2) A2^T + (D * -s2 * S) gh
+    scores = q @ _bt(k)
     d_p = d_hq @ _bt(gh)
-    d_gh = _bt(p_neg) @ d_hq
+    d_gh = _bt(weights * -s2 * scores) @ d_hq
     d_weighted = d_p * weights
     d_weights = d_weights + d_p * -s2 * scores
     d_s2 = -(d_weighted * scores).sum(dim=(-2, -1), keepdim=True)
     d_scores = d_weighted * -s2
-    d_qs = d_hq @ a2
-    da2 = _bt(d_hq) @ qs
-    row = (d_qs * q).sum(-1)
+    da2 = _bt(d_hq) @ (q * (qd * s2))
     d_qd = d_qd + row * s2[..., 0]
     d_s2 = d_s2 + (row * query_decay).sum(-1)[..., None, None]
     dq = add_matmul(dy + d_qs * (qd * s2), d_scores, k)
@@ -271,27 +278,35 @@ def _backward_step(
         da1_keep, da2_keep = da1_out * keep, da2_out * keep
     minus_w = -last_w.unsqueeze(-1)
     decay = total[..., None, None]
-    d_total = (da1_keep * a1).sum(dim=(-2, -1)) + (da2_keep * a2).sum(dim=(-2, -1))
-    # commit: A2' = Q_b A2 - gh^T (k * D[b]), A1' = Q_b A1 - (gz * D[b])^T act
-    d_gh = add_matmul(d_gh, k * minus_w, _bt(da2_keep))
-    d_kw = gh @ da2_keep
+    d_total = (da1_keep * a1).sum(dim=(-2, -1))
+    # commit: A1' = Q_b A1 - (gz * D[b])^T act, and A2' = Q_b A2 - gh^T (k * D[b]) or (not update_input) A2
     d_gzw = act @ _bt(da1_keep)
     d_act = add_matmul(d_act, gz * minus_w, da1_keep)
-    dk = d_kw * minus_w
     d_gz = d_gz + d_gzw * minus_w
-    d_last_w = -((d_kw * k).sum(-1) + (d_gzw * gz).sum(-1))
+    d_last_w = -(d_gzw * gz).sum(-1)
     da1 = da1_keep * decay + da1_read
-    da2 = da2_keep * decay + da2_read
     if full is not None:  # rows that kept their anchor pass the gradient straight through
         da1 = da1 + da1_out * ~keep
-        da2 = da2 + da2_out * ~keep
-    # anchor: gh = gelu'(h) * (gz s1 A1), h = s2 k A2^T, z = act A1^T
-    d_gzw_full = torch.ops.aten.gelu_backward(d_gh, h)
-    d_h = d_gh * gelu2
-    d_gzs = d_gzw_full @ _bt(a1)
-    da1 = add_matmul(da1, _bt(gz * s1), d_gzw_full)
-    d_gz = d_gz + d_gzs * s1
-    d_s1 = d_s1 + (d_gzs * gz).sum(dim=(-2, -1), keepdim=True)
+    if rule.update_input:
+        d_total = d_total + (da2_keep * a2).sum(dim=(-2, -1))
+        d_gh = add_matmul(d_gh, k * minus_w, _bt(da2_keep))
+        d_kw = gh @ da2_keep
+        dk = d_kw * minus_w
+        d_last_w = d_last_w - (d_kw * k).sum(-1)
+        da2 = da2_keep * decay + da2_read
+        if full is not None:
+            da2 = da2 + da2_out * ~keep
+        # anchor: gh = gelu'(h) * (gz s1 A1), h = s2 k A2^T, z = act A1^T
+        d_gzw_full = torch.ops.aten.gelu_backward(d_gh, h)
+        d_h = d_gh * gelu2
+        d_gzs = d_gzw_full @ _bt(a1)
+        da1 = add_matmul(da1, _bt(gz * s1), d_gzw_full)
+        d_gz = d_gz + d_gzs * s1
+        d_s1 = d_s1 + (d_gzs * gz).sum(dim=(-2, -1), keepdim=True)
+    else:  # A2 passes through every chunk unchanged, and gh is used nowhere
+        dk = torch.zeros_like(k)
+        da2 = da2_out + da2_read
+        d_h = torch.zeros_like(h)
     # gz = LN'(g) as a function of g, z_hat and std
     r = d_gz / std
     d_g = _layer_norm_input_grad(d_gz, z_hat, std)
@@ -429,6 +444,8 @@ def memory_forward(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: 
             kept.append((h, z_raw, gz_w, hq, a_q, zq, s_aa))
     y = _time_major(torch.cat(ys) if len(ys) > 1 else ys[0])
     kept = [torch.cat(field) for field in zip(*kept)]
+    if not rule.update_input:  # A2 came through unchanged, and a custom op's output may not alias its input
+        a2 = a2.clone()
     return y, a1, a2, states1, states2, kept
 
 
@@ -513,7 +530,7 @@ def _rule_values(rule: RuleConfig) -> list[float]:
     smooth = -1.0 if rule.smooth_lp is None else float(rule.smooth_lp)
     return [float(rule.p), float(rule.q), float(rule.chunk_size), float(rule.lq_floor), float(rule.ln_eps), smooth,
             float(rule.sign_sharpness), float(rule.abs_eps), float(rule.detach_state_every),
-            float(rule.checkpoint_group), float(LQ_NORMS.index(rule.lq_norm))]  # fmt: skip
+            float(rule.checkpoint_group), float(LQ_NORMS.index(rule.lq_norm)), float(rule.update_input)]  # fmt: skip
 
 
 def _rule_from(values: list[float]) -> RuleConfig:
@@ -521,11 +538,14 @@ def _rule_from(values: list[float]) -> RuleConfig:
 
 
 @cache
-def _rule(p, q, chunk_size, lq_floor, ln_eps, smooth, sharpness, abs_eps, detach_every, group, lq_norm) -> RuleConfig:
+def _rule(
+    p, q, chunk_size, lq_floor, ln_eps, smooth, sharpness, abs_eps, detach_every, group, lq_norm, update_input
+) -> RuleConfig:
     return RuleConfig(
         p=p, q=q, chunk_size=int(chunk_size), lq_floor=lq_floor, ln_eps=ln_eps,
         smooth_lp=None if smooth < 0 else bool(smooth), sign_sharpness=sharpness, abs_eps=abs_eps,
         detach_state_every=int(detach_every), checkpoint_group=int(group), lq_norm=LQ_NORMS[int(lq_norm)],
+        update_input=bool(update_input),
     )  # fmt: skip
 
 

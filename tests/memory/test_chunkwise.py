@@ -39,7 +39,9 @@ def running_accumulators(state: MemoryState, gamma, beta, rule):
     weights = decay_weights(
         last, cumulative, state.buffer_eta, torch.ones(1, rule.chunk_size, dtype=torch.bool), channelwise
     )
-    return committed_accumulators(state.a1, state.a2, state.buffer_k, grads, weights[:, :, 0], last[:, :, 0].exp())
+    return committed_accumulators(
+        state.a1, state.a2, state.buffer_k, grads, weights[:, :, 0], last[:, :, 0].exp(), rule.update_input
+    )
 
 
 def run_both(x, rule, channelwise, mask=None, impl="torch"):
@@ -90,6 +92,28 @@ def test_chunkwise_equals_token_loop(chunk_size, length, channelwise, lq_norm):
         torch.testing.assert_close(
             got / scale, want / scale, **TOL, msg=lambda m, name=name: f"gradient of {name}: {m}"
         )
+
+
+@pytest.mark.parametrize("lq_norm", ["scale_free", "inverse"])
+@pytest.mark.parametrize("channelwise", [False, True])
+@pytest.mark.parametrize("chunk_size,length", [(4, 23), (16, 37), (64, 23)])
+def test_a_fixed_input_matrix_equals_token_loop(chunk_size, length, channelwise, lq_norm):
+    """update_input=False: only A1 decays and takes writes; A2 leaves the op as it came in, yet its gradient flows."""
+    rule = RuleConfig(chunk_size=chunk_size, lq_norm=lq_norm, update_input=False)
+    x = memory_inputs(length=length, channelwise=channelwise)
+    (y, final, running, grads), (y_ref, anchor_ref, run_ref, grads_ref) = run_both(x, rule, channelwise)
+    torch.testing.assert_close(y, y_ref, **TOL)
+    torch.testing.assert_close(final.a1, anchor_ref[0], **TOL)
+    torch.testing.assert_close(running[0], run_ref[0], **TOL)
+    fixed = x["a2"].expand_as(final.a2)
+    assert torch.equal(final.a2, fixed) and torch.equal(running[1], fixed)
+    assert not torch.allclose(final.a1, x["a1"]) or length < chunk_size
+    for name, got, want in zip(NAMES, grads, grads_ref):
+        scale = want.abs().max().clamp_min(1.0)
+        torch.testing.assert_close(
+            got / scale, want / scale, **TOL, msg=lambda m, name=name: f"gradient of {name}: {m}"
+        )
+    assert grads[NAMES.index("a2")].abs().max() > 0
 
 
 def test_masked_tokens_are_skipped_and_do_not_count_toward_chunks():

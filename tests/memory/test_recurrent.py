@@ -35,6 +35,24 @@ def test_token_by_token_equals_chunkwise(chunk_size, channelwise):
     assert state.buffer_len.tolist() == final.buffer_len.tolist()
 
 
+@pytest.mark.parametrize("channelwise", [False, True])
+@pytest.mark.parametrize("prefill", [0, 21])
+def test_decoding_with_a_fixed_input_matrix_equals_chunkwise(prefill, channelwise):
+    rule = RuleConfig(chunk_size=8, lq_norm="scale_free", update_input=False)
+    x = memory_inputs(length=41, channelwise=channelwise)
+    y, final = chunkwise_memory(
+        *(x[n] for n in ARGS), initial_state(x, 8, channelwise), x["gamma"], x["beta"], rule
+    )
+    state = initial_state(x, 8, channelwise)
+    if prefill:
+        head = time_slice(x, 0, prefill)
+        _, state = chunkwise_memory(*(head[n] for n in ARGS), state, x["gamma"], x["beta"], rule)
+    y_steps, state = decode(x, state, rule, prefill, 41)
+    torch.testing.assert_close(y_steps, y[:, :, prefill:], rtol=0, atol=1e-10)
+    torch.testing.assert_close(state.a1, final.a1, rtol=0, atol=1e-10)
+    assert torch.equal(state.a2, x["a2"].expand_as(state.a2)) and torch.equal(state.run_a2, state.a2)
+
+
 @pytest.mark.parametrize("prefill", [3, 16, 21])
 def test_decoding_continues_a_chunkwise_prefill(prefill):
     rule = RuleConfig(chunk_size=8)

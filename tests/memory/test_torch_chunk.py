@@ -58,6 +58,14 @@ CASES = {
     "segments split inside a chunk": (RuleConfig(chunk_size=8), {"split": 11}),
     "intermediates kept": (RuleConfig(chunk_size=4, checkpoint_group=3), {"keep": True, "mask": True}),
     "intermediates kept, segments": (RuleConfig(chunk_size=8, p=2.5, q=4.5), {"keep": True, "split": 11}),
+    "fixed input matrix": (RuleConfig(chunk_size=8, update_input=False), {}),
+    "fixed input matrix, scale-free, two-level, left padding": (
+        RuleConfig(chunk_size=8, checkpoint_group=2, lq_norm="scale_free", update_input=False), {"mask": True}
+    ),
+    "fixed input matrix, intermediates kept, segments": (
+        RuleConfig(chunk_size=8, lq_norm="scale_free", update_input=False), {"keep": True, "split": 11}
+    ),
+    "fixed input matrix, truncated bptt": (RuleConfig(chunk_size=4, detach_state_every=8, update_input=False), {}),
 }
 
 

@@ -213,6 +213,7 @@ def test_auto_and_torch_run_the_torch_path_and_triton_the_kernels():
     [
         (RuleConfig(chunk_size=4), True, "channel-wise gates"),
         (RuleConfig(chunk_size=4, inner_grad_clamp=1.0), False, "inner gradient clamp"),
+        (RuleConfig(chunk_size=4, update_input=False), False, "fixed input matrix"),
     ],
 )
 def test_rules_the_kernels_do_not_cover_fall_back_to_torch_with_a_warning(rule, channelwise, reason):
