@@ -11,6 +11,7 @@ same eta; alpha 0.99 as the model's initial decay.
   python bench/binding_probe.py                          # the model's rule at eta 0.3
   python bench/binding_probe.py --eta 0.0003
   python bench/binding_probe.py --mixer linear-attention --eta 1
+  python bench/binding_probe.py --lq-norm scale_free --fixed-input --eta 3
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def readout_accuracy(args, writes: int) -> float:
         memory_generator = torch.Generator().manual_seed(args.seed + 7)
         a1 = torch.randn(1, HEAD_DIM, WIDTH, generator=memory_generator) * sigma
         a2 = torch.randn(1, WIDTH, HEAD_DIM, generator=memory_generator) * sigma
-        rule = RuleConfig(p=args.p, q=args.q, chunk_size=args.chunk_size, lq_norm=args.lq_norm)
+        rule = RuleConfig(
+            p=args.p, q=args.q, chunk_size=args.chunk_size, lq_norm=args.lq_norm, update_input=not args.fixed_input
+        )
         state = MemoryState.initial(a1, a2, n, rule.chunk_size, False)
         gamma, beta = torch.ones(1, HEAD_DIM), torch.zeros(1, HEAD_DIM)
         with torch.no_grad():
@@ -96,6 +99,9 @@ def main() -> None:
     parser.add_argument("--p", type=float, default=3.0)
     parser.add_argument("--q", type=float, default=4.0)
     parser.add_argument("--lq-norm", default="inverse")
+    parser.add_argument(
+        "--fixed-input", action="store_true", help="write the output matrix only (memory_update_input=False)"
+    )
     parser.add_argument("--chunk-size", type=int, default=64)
     parser.add_argument("--sequences", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)

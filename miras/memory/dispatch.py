@@ -49,8 +49,6 @@ def triton_unsupported(rule: RuleConfig, channelwise: bool) -> str | None:
         return "channel-wise gates (channelwise_gates=True) are not in the Triton kernels"
     if rule.inner_grad_clamp is not None:
         return "the inner gradient clamp (inner_grad_clamp) is not in the Triton kernels"
-    if not rule.update_input:
-        return "a fixed input matrix (memory_update_input=False) is not in the Triton kernels"
     return None
 
 

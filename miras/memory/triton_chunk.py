@@ -25,6 +25,8 @@ than keeping (b, m) tensors), forms gh, the read's hq, gelu(hq), its (b, b) and 
 accumulators, and commits the next state tile by tile; then the l_q normalisers of the new state
 (a max pass and a power-sum pass, rule.lq_scale's arithmetic with its power-of-two peak). Each
 chunk-start state is stored (the backward reads it), or, without autograd, two slots alternate.
+With a fixed input matrix (rule.update_input False, the UPDATE_INPUT constexpr) the read's hq is s2 q A2^T
+alone, A2 is copied unchanged at each commit, and the backward drops every term through gh.
 
 Backward, per chunk from the last: recompute the anchor (pass A) and the read (pass B, which also
 takes the commit's reductions against the incoming state gradient); pass C forms every (b, m) tile
@@ -356,7 +358,8 @@ def _chunk_start(q_ptr, k_ptr, v_ptr, eta_ptr, la_ptr, seq, gates, n, rows, rmas
                  s1, s2, gamma, beta, cur1, cur2,
                  BT: tl.constexpr, BD: tl.constexpr, D: tl.constexpr, M: tl.constexpr, BM: tl.constexpr,
                  CHUNK: tl.constexpr, P: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr,
-                 ABS_EPS: tl.constexpr, LN_EPS: tl.constexpr, PRECISION: tl.constexpr, DT: tl.constexpr):  # fmt: skip
+                 ABS_EPS: tl.constexpr, LN_EPS: tl.constexpr, UPDATE_INPUT: tl.constexpr, PRECISION: tl.constexpr,
+                 DT: tl.constexpr):  # fmt: skip
     """Chunk n's inputs, decays and anchor (pass A), and the (b, *) operands every tile pass uses."""
     t0 = n * CHUNK
     q = _load_rows(q_ptr + seq, t0, rows, rmask, dcols, dmask, D)
@@ -370,9 +373,13 @@ def _chunk_start(q_ptr, k_ptr, v_ptr, eta_ptr, la_ptr, seq, gates, n, rows, rmas
         k, v, ks, s1, gamma, beta, cur1, cur2, dcols, dmask,
         BT, BD, D, M, BM, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION, DT,
     )  # fmt: skip
-    qs = q * (query_decay * s2)[:, None]
     scores = tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=DT)
-    p_neg = weights * -s2 * scores
+    if UPDATE_INPUT:
+        qs = q * (query_decay * s2)[:, None]
+        p_neg = weights * -s2 * scores
+    else:  # hq = s2 q A2^T: the input matrix neither decays nor takes writes
+        qs = q * s2
+        p_neg = tl.zeros([BT, BT], q.dtype)
     minus_w = -last_w[:, None]
     return (t0, q, k, decay, weights, query_decay, last_w, total_decay, ks, z_raw, z_hat, std, err, f_err, g, gz,
             gz * s1, qs, scores, p_neg, minus_w)  # fmt: skip
@@ -390,7 +397,7 @@ def _forward_kernel(
     H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     P: tl.constexpr, Q: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr, ABS_EPS: tl.constexpr,
-    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr,
+    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr, UPDATE_INPUT: tl.constexpr,
     SAVE: tl.constexpr, WRITE_Y: tl.constexpr, PRECISION: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Chunks [c0, c1) of one (row, head); state slots: chunk-start states (SAVE) or two alternating."""
@@ -436,7 +443,7 @@ def _forward_kernel(
         (t0, q, k, decay, weights, query_decay, last_w, total_decay, ks, z_raw, z_hat, std, err, f_err, g, gz,
          gzs, qs, scores, p_neg, minus_w) = _chunk_start(
             q_ptr, k_ptr, v_ptr, eta_ptr, la_ptr, seq, gates, n, rows, rmask, dcols, dmask, s1, s2, gamma, beta,
-            cur1, cur2, BT, BD, D, M, BM, CHUNK, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION, DT,
+            cur1, cur2, BT, BD, D, M, BM, CHUNK, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, UPDATE_INPUT, PRECISION, DT,
         )  # fmt: skip
         full = (n + 1) * CHUNK <= row_len
         k_w = k * minus_w
@@ -452,10 +459,13 @@ def _forward_kernel(
                 s_aa = tl.dot(aq, tl.trans(act), s_aa, input_precision=PRECISION, out_dtype=DT)
                 a_q = tl.dot(aq, tl.trans(a1), a_q, input_precision=PRECISION, out_dtype=DT)
             # commit: A' = Q_b A - grad^T (x * D[b]); rows whose chunk is not full keep their anchor
-            new2 = tl.dot(tl.trans(gh), k_w, a2 * total_decay, input_precision=PRECISION, out_dtype=DT)
             new1 = tl.dot(tl.trans(gz_w_commit), act, a1 * total_decay, input_precision=PRECISION, out_dtype=DT)
             tl.store(nxt1 + off1, tl.where(full, new1, a1), mask=mask1)
-            tl.store(nxt2 + off2, tl.where(full, new2, a2), mask=mask2)
+            if UPDATE_INPUT:
+                new2 = tl.dot(tl.trans(gh), k_w, a2 * total_decay, input_precision=PRECISION, out_dtype=DT)
+                tl.store(nxt2 + off2, tl.where(full, new2, a2), mask=mask2)
+            else:
+                tl.store(nxt2 + off2, a2, mask=mask2)
         if WRITE_Y:
             r_neg = weights * -s1 * s_aa
             zq = tl.dot(r_neg, gz, a_q * (query_decay * s1)[:, None], input_precision=PRECISION, out_dtype=DT)
@@ -484,7 +494,7 @@ def _backward_kernel(
     H: tl.constexpr, D: tl.constexpr, M: tl.constexpr, CHUNK: tl.constexpr,
     BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr,
     P: tl.constexpr, Q: tl.constexpr, SURROGATE: tl.constexpr, SHARP: tl.constexpr, ABS_EPS: tl.constexpr,
-    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr,
+    LN_EPS: tl.constexpr, LQ_FLOOR: tl.constexpr, SCALE_FREE: tl.constexpr, UPDATE_INPUT: tl.constexpr,
     PRECISION: tl.constexpr, DT: tl.constexpr,
 ):  # fmt: skip
     """Chunks [c0, c1) from the last. da1/da2 hold the gradient of the state after chunk c1 - 1 on entry
@@ -521,7 +531,7 @@ def _backward_kernel(
         (t0, q, k, decay, weights, query_decay, last_w, total_decay, ks, z_raw, z_hat, std, err, f_err, g, gz,
          gzs, qs, scores, p_neg, minus_w) = _chunk_start(
             q_ptr, k_ptr, v_ptr, eta_ptr, la_ptr, seq, gates, n, rows, rmask, dcols, dmask, s1, s2, gamma, beta,
-            cur1, cur2, BT, BD, D, M, BM, CHUNK, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, PRECISION, DT,
+            cur1, cur2, BT, BD, D, M, BM, CHUNK, P, SURROGATE, SHARP, ABS_EPS, LN_EPS, UPDATE_INPUT, PRECISION, DT,
         )  # fmt: skip
         dy = _load_rows(dy_ptr + seq, t0, rows, rmask, dcols, dmask, D)
         full = (n + 1) * CHUNK <= row_len
@@ -545,9 +555,11 @@ def _backward_kernel(
             h, act, gz_w, gh, hq, aq = _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION, DT)
             s_aa = tl.dot(aq, tl.trans(act), s_aa, input_precision=PRECISION, out_dtype=DT)
             a_q = tl.dot(aq, tl.trans(a1), a_q, input_precision=PRECISION, out_dtype=DT)
-            d_kw = tl.dot(gh, g2, d_kw, input_precision=PRECISION, out_dtype=DT)
             d_gzw = tl.dot(act, tl.trans(g1), d_gzw, input_precision=PRECISION, out_dtype=DT)
-            d_total += tl.sum(tl.sum(g1 * a1, 1), 0) + tl.sum(tl.sum(g2 * a2, 1), 0)
+            d_total += tl.sum(tl.sum(g1 * a1, 1), 0)
+            if UPDATE_INPUT:
+                d_kw = tl.dot(gh, g2, d_kw, input_precision=PRECISION, out_dtype=DT)
+                d_total += tl.sum(tl.sum(g2 * a2, 1), 0)
         r_neg = weights * -s1 * s_aa
         zq = tl.dot(r_neg, gz, a_q * (query_decay * s1)[:, None], input_precision=PRECISION, out_dtype=DT)
         zq_hat, std_q = _ln_stats(zq, dmask, D, LN_EPS)
@@ -587,36 +599,44 @@ def _backward_kernel(
             g1_out = tl.load(da1 + off1, mask=mask1, other=0.0)
             g2_out = tl.load(da2 + off2, mask=mask2, other=0.0)
             h, act, gz_w, gh, hq, aq = _tile_forward(ks, gzs, qs, p_neg, a1, a2, PRECISION, DT)
-            d_gh = tl.dot(k_w, tl.trans(g2_out * keep), input_precision=PRECISION, out_dtype=DT)
             d_act = tl.dot(gz_wt, g1_out * keep, input_precision=PRECISION, out_dtype=DT)
             d_aq = tl.dot(d_aq_out, a1, input_precision=PRECISION, out_dtype=DT)
             d_aq = tl.dot(d_saa, act, d_aq, input_precision=PRECISION, out_dtype=DT)
             new1 = tl.dot(tl.trans(d_aq_out), aq, g1_out * through, input_precision=PRECISION, out_dtype=DT)
             d_act = tl.dot(tl.trans(d_saa), aq, d_act, input_precision=PRECISION, out_dtype=DT)
             d_hq = d_aq * _gelu_grad(hq)
-            d_p = tl.dot(d_hq, tl.trans(gh), d_p, input_precision=PRECISION, out_dtype=DT)
-            d_gh = tl.dot(tl.trans(p_neg), d_hq, d_gh, input_precision=PRECISION, out_dtype=DT)
             d_qs = tl.dot(d_hq, a2, d_qs, input_precision=PRECISION, out_dtype=DT)
-            new2 = tl.dot(tl.trans(d_hq), qs, g2_out * through, input_precision=PRECISION, out_dtype=DT)
-            # the anchor's gh = gelu'(h) * gz_w, differentiated in gz_w and in h
-            d_gzw_full = d_gh * _gelu_grad(h)
-            d_h = d_gh * gz_w * _gelu_second(h)
-            d_gzs = tl.dot(d_gzw_full, tl.trans(a1), d_gzs, input_precision=PRECISION, out_dtype=DT)
-            new1 = tl.dot(tl.trans(gzs), d_gzw_full, new1, input_precision=PRECISION, out_dtype=DT)
+            if UPDATE_INPUT:
+                d_gh = tl.dot(k_w, tl.trans(g2_out * keep), input_precision=PRECISION, out_dtype=DT)
+                d_p = tl.dot(d_hq, tl.trans(gh), d_p, input_precision=PRECISION, out_dtype=DT)
+                d_gh = tl.dot(tl.trans(p_neg), d_hq, d_gh, input_precision=PRECISION, out_dtype=DT)
+                new2 = tl.dot(tl.trans(d_hq), qs, g2_out * through, input_precision=PRECISION, out_dtype=DT)
+                # the anchor's gh = gelu'(h) * gz_w, differentiated in gz_w and in h
+                d_gzw_full = d_gh * _gelu_grad(h)
+                d_h = d_gh * gz_w * _gelu_second(h)
+                d_gzs = tl.dot(d_gzw_full, tl.trans(a1), d_gzs, input_precision=PRECISION, out_dtype=DT)
+                new1 = tl.dot(tl.trans(gzs), d_gzw_full, new1, input_precision=PRECISION, out_dtype=DT)
+            else:  # A2 passes every chunk unchanged; gh is used nowhere
+                new2 = tl.dot(tl.trans(d_hq), qs, g2_out, input_precision=PRECISION, out_dtype=DT)
+                d_h = tl.zeros([BT, BM], q.dtype)
             tl.store(da1 + off1, new1, mask=mask1)
             tl.store(da2 + off2, new2, mask=mask2)
             tl.store(park_act + park, d_act, mask=park_mask)
             tl.store(park_h + park, d_h, mask=park_mask)
-        d_weighted = d_p * weights
-        d_weights += d_p * -s2 * scores
-        d_s2 = -tl.sum(tl.sum(d_weighted * scores, 1), 0)
-        d_scores = d_weighted * -s2
-        dq = dy + d_qs * (query_decay * s2)[:, None]
-        row = tl.sum(d_qs * q, 1)
-        d_qd += row * s2
-        d_s2 += tl.sum(row * query_decay, 0)
-        dq = tl.dot(d_scores, k, dq, input_precision=PRECISION, out_dtype=DT)
-        dk = tl.dot(tl.trans(d_scores), q, dk, input_precision=PRECISION, out_dtype=DT)
+        if UPDATE_INPUT:
+            d_weighted = d_p * weights
+            d_weights += d_p * -s2 * scores
+            d_s2 = -tl.sum(tl.sum(d_weighted * scores, 1), 0)
+            d_scores = d_weighted * -s2
+            dq = dy + d_qs * (query_decay * s2)[:, None]
+            row = tl.sum(d_qs * q, 1)
+            d_qd += row * s2
+            d_s2 += tl.sum(row * query_decay, 0)
+            dq = tl.dot(d_scores, k, dq, input_precision=PRECISION, out_dtype=DT)
+            dk = tl.dot(tl.trans(d_scores), q, dk, input_precision=PRECISION, out_dtype=DT)
+        else:  # hq = s2 q A2^T
+            dq = dy + d_qs * s2
+            d_s2 = tl.sum(tl.sum(d_qs * q, 1), 0)
 
         # ---- the anchor's LayerNorm and l_p backward, in registers ----
         d_gz += d_gzs * s1
@@ -783,6 +803,7 @@ def _meta(rule: RuleConfig, head_dim: int, width: int, heads: int, dtype: torch.
         LN_EPS=float(rule.ln_eps),
         LQ_FLOOR=float(rule.lq_floor),
         SCALE_FREE=rule.lq_norm == "scale_free",
+        UPDATE_INPUT=bool(rule.update_input),
         PRECISION=_matmul_precision(dtype),
         DT=tl.float64 if dtype == torch.float64 else tl.float32,  # tl.dot's accumulator (explicit for Triton < 3.6)
     )

@@ -114,6 +114,10 @@ CASES = {
     "fractional p2.5 q4.5": (RuleConfig(chunk_size=8, p=2.5, q=4.5), {}),
     "truncated bptt and two-level recompute": (RuleConfig(chunk_size=4, detach_state_every=8, checkpoint_group=2), {}),
     "d_h 5, m 72: two m tiles, masked": (RuleConfig(chunk_size=16), {"head_dim": 5, "width": 72, "length": 20}),
+    "fixed input matrix, scale-free": (RuleConfig(chunk_size=8, lq_norm="scale_free", update_input=False), {}),
+    "fixed input matrix, truncated bptt and two-level recompute": (
+        RuleConfig(chunk_size=4, detach_state_every=8, checkpoint_group=2, update_input=False), {}
+    ),
 }
 
 
@@ -213,7 +217,6 @@ def test_auto_and_torch_run_the_torch_path_and_triton_the_kernels():
     [
         (RuleConfig(chunk_size=4), True, "channel-wise gates"),
         (RuleConfig(chunk_size=4, inner_grad_clamp=1.0), False, "inner gradient clamp"),
-        (RuleConfig(chunk_size=4, update_input=False), False, "fixed input matrix"),
     ],
 )
 def test_rules_the_kernels_do_not_cover_fall_back_to_torch_with_a_warning(rule, channelwise, reason):
