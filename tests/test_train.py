@@ -99,11 +99,14 @@ def test_moneta_checkpoint_group_reaches_the_model_config(tmp_path):
     assert config["model_config"]["memory_checkpoint_group"] == 2
 
 
-def test_moneta_lq_norm_reaches_the_model_config(tmp_path):
-    args = [*TINY, "--max-steps", "1", "--moneta-lq-norm", "scale_free", "--output-dir", str(tmp_path)]
+@pytest.mark.parametrize("lq_norm, update_input", [("inverse", True), ("scale_free", False)])
+def test_the_memory_form_on_the_command_line_reaches_the_model_config(tmp_path, lq_norm, update_input):
+    flag = "--moneta-update-input" if update_input else "--no-moneta-update-input"
+    args = [*TINY, "--max-steps", "1", "--moneta-lq-norm", lq_norm, flag, "--output-dir", str(tmp_path)]
     assert main([*args, "--run-name", "n"]) == 0
     config = json.loads((tmp_path / "n" / "config.json").read_text())
-    assert config["model_config"]["lq_norm"] == "scale_free"
+    assert config["model_config"]["lq_norm"] == lq_norm
+    assert config["model_config"]["memory_update_input"] is update_input
 
 
 def test_memory_impl_reaches_the_model_config(tmp_path):

@@ -60,16 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--moneta-detach-state-every",
         type=non_negative_int,
-        default=0,
-        help="truncated BPTT inside the memory, in tokens (a multiple of the chunk; 0 = full backprop, the paper)",
+        default=None,
+        help="truncated BPTT inside the memory, in tokens (a multiple of the chunk; 0 = full backprop, the paper's; "
+        "default: the model's, MonetaConfig.detach_state_every)",
     )
     add(
         "--moneta-lq-norm",
-        default="inverse",
+        default=None,
         choices=list(LQ_NORMS),
         help="the memory's l_q normaliser for a new run: inverse (the paper's) or scale_free (binds across chunk "
-        "commits, trains the language model less stably: docs/model.md); a resumed run keeps its checkpoint's "
-        "(default: inverse)",
+        "commits: docs/model.md); a resumed run keeps its checkpoint's (default: the model's, MonetaConfig.lq_norm)",
+    )
+    add(
+        "--moneta-update-input",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="whether the memory's inner loop writes its input matrix too (the paper's MONETA) or only its output "
+        "matrix, the input a feature map the outer loop learns (docs/model.md); a resumed run keeps its "
+        "checkpoint's (default: the model's, MonetaConfig.memory_update_input)",
     )
     add(
         "--moneta-checkpoint-group",
@@ -326,7 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     elif not args.run_name or "/" in args.run_name or args.run_name.startswith("."):
         parser.error(f"argument --run-name: {args.run_name!r} is not a folder name (no '/', not starting with '.')")
     chunk = 64
-    if args.moneta_detach_state_every % chunk:
+    if args.moneta_detach_state_every is not None and args.moneta_detach_state_every % chunk:
         parser.error(
             f"argument --moneta-detach-state-every: {args.moneta_detach_state_every} is not a multiple of the "
             f"chunk size {chunk} (expected 0 or a multiple of {chunk})"

@@ -165,10 +165,15 @@ def build_model_config(args, tokenizer) -> MonetaConfig:
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-        detach_state_every=args.moneta_detach_state_every,
         memory_checkpoint_group=args.moneta_checkpoint_group,
-        lq_norm=args.moneta_lq_norm,
     )
+    # The memory's form and truncation: the model's defaults unless the command line names them.
+    if args.moneta_detach_state_every is not None:
+        special["detach_state_every"] = args.moneta_detach_state_every
+    if args.moneta_lq_norm is not None:
+        special["lq_norm"] = args.moneta_lq_norm
+    if args.moneta_update_input is not None:
+        special["memory_update_input"] = args.moneta_update_input
     if args.dry_run and not args.dry_run_full_model:
         dim = args.dry_run_dim
         heads = 4 if dim % 4 == 0 else 1
