@@ -10,6 +10,10 @@ Choices the paper leaves open, decided once here (docs/model.md, "Model choices"
   s = (||A||_2 / ||A||_q)^(q-2), a function of the accumulator's shape only, which binds across commits
   (89-100%) but made the language-model run unstable (gradient norms up to 2.6e5, 2.006 bits per byte
   against 1.694 at step 200), so it is not the default (bench/RESULTS.md, "Memory across chunk commits");
+- the inner loop writes both of the memory's matrices, as the paper (`memory_update_input` True), or only the
+  output one (False: the input matrix a feature map learned by the outer loop), which with the scale-free
+  normaliser learns the passkey where the paper's memory does not, but needs truncated BPTT on long windows
+  and has not yet beaten the memory-off model there (bench/RESULTS.md, "A fixed input matrix");
 - gates: eta_t = eta_max * sigmoid(.), alpha_t = sigmoid(.) kept in log space; per-head scalars by
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
   biases start alpha at `alpha_init` (0.99) and eta log-spaced over the heads around `eta_init`;
