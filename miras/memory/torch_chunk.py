@@ -161,7 +161,7 @@ def _forward_step(a1, a2, k, v, last_w, total, full, gamma, beta, rule: RuleConf
     gh = torch.ops.aten.gelu_backward(gz_w, h)
     minus_w = -last_w.unsqueeze(-1)
     decay = total[..., None, None]
-    new_a2 = add_matmul(decay * a2, _bt(gh), k * minus_w) if rule.update_input else a2
+    new_a2 = add_matmul(decay * a2, _bt(gh), k * minus_w)
     new_a1 = add_matmul(decay * a1, _bt(gz * minus_w), act)
     if full is not None:  # rows whose chunk is not full keep their anchor (the chunk stays open)
         keep = full[:, None, None, None]
@@ -169,10 +169,32 @@ def _forward_step(a1, a2, k, v, last_w, total, full, gamma, beta, rule: RuleConf
     return new_a1, new_a2, s1, s2, h, z_raw, gz_w, act, gz, gh
 
 
+def _input_features(k, a2, rule: RuleConfig):
+    """A fixed input matrix (not rule.update_input): every anchor holds the same A2, so s2, h = s2 k A2^T and
+    act = gelu(h) of many chunks come from one batched product instead of one per chunk in the sequential part."""
+    s2 = _lq_forward(a2, rule)[0]
+    h = (k * s2) @ _bt(a2)
+    return s2, h, F.gelu(h)
+
+
+def _forward_step_fixed(a1, act, k, v, last_w, total, full, gamma, beta, rule: RuleConfig):
+    """_forward_step with a fixed input matrix: only A1 recurs (act from _input_features). Returns the next A1,
+    s1, z (unscaled) and gz."""
+    s1 = _lq_forward(a1, rule)[0]
+    z_raw = act @ _bt(a1)
+    gz = _inner_error(z_raw, s1, k, v, gamma, beta, rule)[-1]
+    new_a1 = add_matmul(total[..., None, None] * a1, _bt(gz * -last_w.unsqueeze(-1)), act)
+    if full is not None:  # rows whose chunk is not full keep their anchor (the chunk stays open)
+        new_a1 = torch.where(full[:, None, None, None], new_a1, a1)
+    return new_a1, s1, z_raw, gz
+
+
 def _anchor_recompute(a1, a2, s1, s2, k, v, gamma, beta, rule: RuleConfig):
     """The anchor gradients' matmuls for many chunks at once from their anchors: h, z, gz A1 s1."""
     h = (k * s2) @ _bt(a2)
     z_raw = F.gelu(h) @ _bt(a1)
+    if not rule.update_input:  # gz A1 s1 feeds only gh, which a fixed input matrix does not use
+        return h, z_raw, None
     gz = _inner_error(z_raw, s1, k, v, gamma, beta, rule)[-1]
     return h, z_raw, (gz * s1) @ a1
 
@@ -227,7 +249,7 @@ def _read_backward(dy, q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, 
         da2 = _bt(d_hq) @ (q * s2)
         d_s2 = row.sum(-1)[..., None, None]
         dq = dy + d_qs * s2
-        return dq, torch.zeros_like(k), da1, da2, torch.zeros_like(gh), d_gz, d_act, d_s1, d_s2, d_weights, d_qd, \
+        return dq, torch.zeros_like(k), da1, da2, None, d_gz, d_act, d_s1, d_s2, d_weights, d_qd, \
             d_gamma, d_beta  # fmt: skip
     # hq = (q Q s2) A2^T + (D * -s2 * S) gh
     scores = q @ _bt(k)
@@ -249,13 +271,15 @@ def _anchor_derived(k, v, s1, s2, h, z_raw, gz_w, gamma, beta, rule: RuleConfig)
     """Everything of the anchor gradients the per-chunk backward needs, elementwise from h, z and gz A1 s1."""
     act = F.gelu(h)
     z_hat, std, err, f_err, g, gz = _inner_error(z_raw, s1, k, v, gamma, beta, rule)
+    g_zhat = (g * z_hat).mean(dim=-1, keepdim=True)
+    err_slope = gamma * _lp_error_derivative(err, rule)
+    if gz_w is None:  # a fixed input matrix: no gh, and nothing differentiates it
+        return act, gz, None, None, z_hat, std, g, g_zhat, err_slope, f_err
     gh = torch.ops.aten.gelu_backward(gz_w, h)
     # gelu''(h) = phi(h) (2 - h^2); h^2 is capped at 170 so that exp stays out of its slow subnormal path
     # (see decay_matrix): beyond it the term is below 1e-35. Times gz A1 s1: d h from d gh in one multiply.
     h_sq = h * h
     gelu2 = gz_w * (torch.exp(h_sq.clamp_max(170.0) * -0.5) * _INV_SQRT_2PI) * (2.0 - h_sq)
-    g_zhat = (g * z_hat).mean(dim=-1, keepdim=True)
-    err_slope = gamma * _lp_error_derivative(err, rule)
     return act, gz, gh, gelu2, z_hat, std, g, g_zhat, err_slope, f_err
 
 
@@ -271,52 +295,31 @@ def _backward_step(
     normalisers with their peaks and scaled norms (_lq_forward).
     """
     s1, s2 = lq1[0], lq2[0]
-    if full is None:
-        da1_keep, da2_keep = da1_out, da2_out
-    else:
-        keep = full[:, None, None, None]
-        da1_keep, da2_keep = da1_out * keep, da2_out * keep
+    da1, d_act, d_gz, d_last_w, d_total = _commit1_backward(da1_out, a1, act, gz, last_w, total, full, d_act, d_gz,
+                                                            da1_read)  # fmt: skip
+    # commit: A2' = Q_b A2 - gh^T (k * D[b])
+    keep = None if full is None else full[:, None, None, None]
+    da2_keep = da2_out if keep is None else da2_out * keep
     minus_w = -last_w.unsqueeze(-1)
     decay = total[..., None, None]
-    d_total = (da1_keep * a1).sum(dim=(-2, -1))
-    # commit: A1' = Q_b A1 - (gz * D[b])^T act, and A2' = Q_b A2 - gh^T (k * D[b]) or (not update_input) A2
-    d_gzw = act @ _bt(da1_keep)
-    d_act = add_matmul(d_act, gz * minus_w, da1_keep)
-    d_gz = d_gz + d_gzw * minus_w
-    d_last_w = -(d_gzw * gz).sum(-1)
-    da1 = da1_keep * decay + da1_read
-    if full is not None:  # rows that kept their anchor pass the gradient straight through
-        da1 = da1 + da1_out * ~keep
-    if rule.update_input:
-        d_total = d_total + (da2_keep * a2).sum(dim=(-2, -1))
-        d_gh = add_matmul(d_gh, k * minus_w, _bt(da2_keep))
-        d_kw = gh @ da2_keep
-        dk = d_kw * minus_w
-        d_last_w = d_last_w - (d_kw * k).sum(-1)
-        da2 = da2_keep * decay + da2_read
-        if full is not None:
-            da2 = da2 + da2_out * ~keep
-        # anchor: gh = gelu'(h) * (gz s1 A1), h = s2 k A2^T, z = act A1^T
-        d_gzw_full = torch.ops.aten.gelu_backward(d_gh, h)
-        d_h = d_gh * gelu2
-        d_gzs = d_gzw_full @ _bt(a1)
-        da1 = add_matmul(da1, _bt(gz * s1), d_gzw_full)
-        d_gz = d_gz + d_gzs * s1
-        d_s1 = d_s1 + (d_gzs * gz).sum(dim=(-2, -1), keepdim=True)
-    else:  # A2 passes through every chunk unchanged, and gh is used nowhere
-        dk = torch.zeros_like(k)
-        da2 = da2_out + da2_read
-        d_h = torch.zeros_like(h)
+    d_total = d_total + (da2_keep * a2).sum(dim=(-2, -1))
+    d_gh = add_matmul(d_gh, k * minus_w, _bt(da2_keep))
+    d_kw = gh @ da2_keep
+    dk = d_kw * minus_w
+    d_last_w = d_last_w - (d_kw * k).sum(-1)
+    da2 = da2_keep * decay + da2_read
+    if keep is not None:
+        da2 = da2 + da2_out * ~keep
+    # anchor: gh = gelu'(h) * (gz s1 A1), h = s2 k A2^T, z = act A1^T
+    d_gzw_full = torch.ops.aten.gelu_backward(d_gh, h)
+    d_h = d_gh * gelu2
+    d_gzs = d_gzw_full @ _bt(a1)
+    da1 = add_matmul(da1, _bt(gz * s1), d_gzw_full)
+    d_gz = d_gz + d_gzs * s1
+    d_s1 = d_s1 + (d_gzs * gz).sum(dim=(-2, -1), keepdim=True)
     # gz = LN'(g) as a function of g, z_hat and std
-    r = d_gz / std
-    d_g = _layer_norm_input_grad(d_gz, z_hat, std)
-    d_zhat = -g_zhat * r - (r * z_hat).mean(dim=-1, keepdim=True) * g
-    d_std = -(d_gz * gz).sum(dim=-1, keepdim=True) / std
-    d_err = err_slope * d_g
-    d_zhat = d_zhat + gamma * d_err
-    d_z = _layer_norm_input_grad(d_zhat, z_hat, std) + d_std * z_hat / z_hat.shape[-1]
-    d_s1 = d_s1 + (d_z * z_raw).sum(dim=(-2, -1), keepdim=True)
-    d_zr = d_z * s1
+    d_err, d_g, d_zr, d_s1 = _inner_error_backward(d_gz, z_raw, z_hat, std, g, gz, g_zhat, err_slope, d_s1, s1,
+                                                   gamma)  # fmt: skip
     d_act = add_matmul(d_act, d_zr, a1)
     da1 = add_matmul(da1, _bt(d_zr), act)
     d_h = d_h + torch.ops.aten.gelu_backward(d_act, h)
@@ -329,6 +332,55 @@ def _backward_step(
         da1 = da1 + _lq_backward(a1, d_s1, *lq1, rule)
         da2 = da2 + _lq_backward(a2, d_s2, *lq2, rule)
     return da1, da2, dk, d_err, d_g, d_last_w, d_total
+
+
+def _backward_step_fixed(
+    da1_out, a1, lq1, last_w, total, full, z_raw, act, gz, z_hat, std, g, g_zhat, err_slope, d_gz, d_act, da1_read,
+    d_s1, gamma, rule: RuleConfig,
+):  # fmt: skip
+    """_backward_step with a fixed input matrix: only the A1 state gradient recurs. Returns dA1 at the anchor, the
+    chunk's full d act (memory_backward takes it through h = s2 k A2^T for all chunks at once), d error, dg,
+    dD[b] and dQ_b."""
+    s1 = lq1[0]
+    da1, d_act, d_gz, d_last_w, d_total = _commit1_backward(da1_out, a1, act, gz, last_w, total, full, d_act, d_gz,
+                                                            da1_read)  # fmt: skip
+    d_err, d_g, d_zr, d_s1 = _inner_error_backward(d_gz, z_raw, z_hat, std, g, gz, g_zhat, err_slope, d_s1, s1,
+                                                   gamma)  # fmt: skip
+    d_act = add_matmul(d_act, d_zr, a1)
+    da1 = add_matmul(da1, _bt(d_zr), act)
+    if rule.q != 2:
+        da1 = da1 + _lq_backward(a1, d_s1, *lq1, rule)
+    return da1, d_act, d_err, d_g, d_last_w, d_total
+
+
+def _commit1_backward(da1_out, a1, act, gz, last_w, total, full, d_act, d_gz, da1_read):
+    """Through the commit A1' = Q_b A1 - (gz * D[b])^T act (rows whose chunk is not full keep A1): dA1 so far,
+    d act and d gz with this path added, dD[b] and dQ_b."""
+    keep = None if full is None else full[:, None, None, None]
+    da1_keep = da1_out if keep is None else da1_out * keep
+    minus_w = -last_w.unsqueeze(-1)
+    d_total = (da1_keep * a1).sum(dim=(-2, -1))
+    d_gzw = act @ _bt(da1_keep)
+    d_act = add_matmul(d_act, gz * minus_w, da1_keep)
+    d_gz = d_gz + d_gzw * minus_w
+    d_last_w = -(d_gzw * gz).sum(-1)
+    da1 = da1_keep * total[..., None, None] + da1_read
+    if keep is not None:  # rows that kept their anchor pass the gradient straight through
+        da1 = da1 + da1_out * ~keep
+    return da1, d_act, d_gz, d_last_w, d_total
+
+
+def _inner_error_backward(d_gz, z_raw, z_hat, std, g, gz, g_zhat, err_slope, d_s1, s1, gamma):
+    """From d gz back through gz = LN'(g), g = gamma f(e), e = k + LN(z s1) - v: d error, dg, d (z s1) s1 and ds1."""
+    r = d_gz / std
+    d_g = _layer_norm_input_grad(d_gz, z_hat, std)
+    d_zhat = -g_zhat * r - (r * z_hat).mean(dim=-1, keepdim=True) * g
+    d_std = -(d_gz * gz).sum(dim=-1, keepdim=True) / std
+    d_err = err_slope * d_g
+    d_zhat = d_zhat + gamma * d_err
+    d_z = _layer_norm_input_grad(d_zhat, z_hat, std) + d_std * z_hat / z_hat.shape[-1]
+    d_s1 = d_s1 + (d_z * z_raw).sum(dim=(-2, -1), keepdim=True)
+    return d_err, d_g, d_z * s1, d_s1
 
 
 def _gates_backward(d_weights, d_query_decay, decay, weights, query_decay, d_last_w, d_total):
@@ -355,6 +407,9 @@ class _Steps:
         self.gates = wrap(_gates)
         self.lq_forward = wrap(_lq_forward)
         self.forward_step = wrap(_forward_step)
+        self.input_features = wrap(_input_features)
+        self.forward_step_fixed = wrap(_forward_step_fixed)
+        self.backward_step_fixed = wrap(_backward_step_fixed)
         self.anchor_recompute = wrap(_anchor_recompute)
         self.anchor_derived = wrap(_anchor_derived)
         self.read = wrap(_read)
@@ -397,8 +452,23 @@ def _full_chunks(lengths: Tensor | None, num_chunks: int, chunk_size: int) -> Te
 
 def _run_chunks(steps: _Steps, a1, a2, k, v, last_w, total, full, gamma, beta, rule, c0: int, c1: int):
     """The sequential part over chunks [c0, c1): the final state and, stacked over the chunks, their anchors
-    and the forward step's outputs (s1, s2, h, z, gz A1 s1, act, gz, gh)."""
+    and the forward step's outputs (s1, s2, h, z, gz A1 s1, act, gz, gh).
+
+    With a fixed input matrix A2, s2, h and act come batched from _input_features before the loop; A2 and s2
+    are returned once (they broadcast against the chunk axis), gz A1 s1 and gh as None (nothing uses them).
+    """
     outputs = []
+    if not rule.update_input:
+        s2, h, act = steps.input_features(k, a2, rule)
+        for n in range(c0, c1):
+            i = n - c0
+            start = a1
+            a1, *rest = steps.forward_step_fixed(
+                a1, act[i], k[i], v[i], last_w[i], total[i], None if full is None else full[n], gamma, beta, rule
+            )
+            outputs.append((start, *rest))
+        anchor1, s1, z_raw, gz = (torch.stack(field) for field in zip(*outputs))
+        return a1, a2, [anchor1, a2, s1, s2, h, z_raw, None, act, gz, None]
     for n in range(c0, c1):
         start = (a1, a2)
         a1, a2, *rest = steps.forward_step(
@@ -424,29 +494,40 @@ def memory_forward(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: 
     two_level = rule.checkpoint_group > 1 and not save_all
     slots = 0 if not save else len(groups) if two_level else num_chunks
     states1 = a1.new_empty(slots, *a1.shape)
-    states2 = a2.new_empty(slots, *a2.shape)
+    states2 = a2.new_empty(_input_slots(slots, rule), *a2.shape)
     ys, kept = [], []
     for index, (c0, c1) in enumerate(groups):
         _, weights, query_decay = steps.gates(lc[c0:c1], ec[c0:c1], causal)
         last_w, total = weights[..., -1, :], query_decay[..., -1]
         if save and two_level:
-            states1[index], states2[index] = a1, a2
+            states1[index] = a1
+            if rule.update_input:
+                states2[index] = a2
         a1, a2, fields = _run_chunks(steps, a1, a2, kc[c0:c1], vc[c0:c1], last_w, total, full, gamma_b, beta_b,
                                      rule, c0, c1)  # fmt: skip
         anchor1, anchor2, s1, s2, h, z_raw, gz_w, act, gz, gh = fields
         if save and not two_level:
-            states1[c0:c1], states2[c0:c1] = anchor1, anchor2
+            states1[c0:c1] = anchor1
+            if rule.update_input:
+                states2[c0:c1] = anchor2
         y, hq, a_q, zq, s_aa = steps.read(
             qc[c0:c1], kc[c0:c1], weights, query_decay, s1, s2, anchor1, anchor2, act, gz, gh, gamma_b, beta_b, rule
         )
         ys.append(y)
         if save and save_all:
-            kept.append((h, z_raw, gz_w, hq, a_q, zq, s_aa))
+            kept.append((h, z_raw, h.new_empty(0) if gz_w is None else gz_w, hq, a_q, zq, s_aa))
+    if save and not rule.update_input and len(states2):
+        states2[0] = a2  # the input matrix every anchor holds
     y = _time_major(torch.cat(ys) if len(ys) > 1 else ys[0])
     kept = [torch.cat(field) for field in zip(*kept)]
     if not rule.update_input:  # A2 came through unchanged, and a custom op's output may not alias its input
         a2 = a2.clone()
     return y, a1, a2, states1, states2, kept
+
+
+def _input_slots(slots: int, rule: RuleConfig) -> int:
+    """States of A2 the forward keeps: one per kept A1 state, or the one A2 of a fixed input matrix."""
+    return slots if rule.update_input else min(slots, 1)
 
 
 def memory_backward(
@@ -467,20 +548,32 @@ def memory_backward(
     grads = [torch.empty_like(t) for t in (qc, kc, vc, ec, lc)]
     d_gamma, d_beta = torch.zeros_like(gamma), torch.zeros_like(beta)
     every = rule.detach_state_every
+    fixed = not rule.update_input
+    if fixed:
+        # A fixed input matrix: A2 (its one kept state) is the same at every anchor, so its gradient is a sum over
+        # the chunks, taken batched after each group's sequential part rather than carried through it. Truncated
+        # BPTT detaches it with A1, so only chunks before the first cut (and dA2 of the output, if none) count.
+        a2_fixed = states2[0]
+        lq2_fixed = steps.lq_forward(a2_fixed, rule)
+        first_cut = every // b if every else num_chunks
+        da2_sum = da2 if first_cut >= num_chunks else torch.zeros_like(da2)
+        d_s2_sum = torch.zeros_like(lq2_fixed[0])
     for index, (c0, c1) in reversed(list(enumerate(groups))):
         qg, kg, vg = qc[c0:c1], kc[c0:c1], vc[c0:c1]
         decay, weights, query_decay = steps.gates(lc[c0:c1], ec[c0:c1], causal)
         last_w, total = weights[..., -1, :], query_decay[..., -1]
         if two_level:  # this group's anchors again, from its first state
             _, _, (anchor1, anchor2, _, _, h, z_raw, gz_w, *_) = _run_chunks(
-                steps, states1[index], states2[index], kg, vg, last_w, total, full, gamma_b, beta_b, rule, c0, c1
-            )
+                steps, states1[index], a2_fixed if fixed else states2[index], kg, vg, last_w, total, full, gamma_b,
+                beta_b, rule, c0, c1,
+            )  # fmt: skip
         else:
-            anchor1, anchor2 = states1[c0:c1], states2[c0:c1]
-        lq1, lq2 = steps.lq_forward(anchor1, rule), steps.lq_forward(anchor2, rule)
+            anchor1, anchor2 = states1[c0:c1], a2_fixed if fixed else states2[c0:c1]
+        lq1, lq2 = steps.lq_forward(anchor1, rule), lq2_fixed if fixed else steps.lq_forward(anchor2, rule)
         s1, s2 = lq1[0], lq2[0]
         if save_all:
             h, z_raw, gz_w, hq, a_q, zq, s_aa = (t[c0:c1] for t in kept)
+            gz_w = None if fixed else gz_w
         elif not two_level:
             h, z_raw, gz_w = steps.anchor_recompute(anchor1, anchor2, s1, s2, kg, vg, gamma_b, beta_b, rule)
         act, gz, gh, gelu2, z_hat, std, g, g_zhat, err_slope, f_err = steps.anchor_derived(
@@ -497,6 +590,16 @@ def memory_backward(
         per_chunk = []
         for n in reversed(range(c0, c1)):
             i = n - c0
+            if fixed:
+                da1, *rest = steps.backward_step_fixed(
+                    da1, anchor1[i], tuple(t[i] for t in lq1), last_w[i], total[i], None if full is None else full[n],
+                    z_raw[i], act[i], gz[i], z_hat[i], std[i], g[i], g_zhat[i], err_slope[i], d_gz[i], d_act[i],
+                    da1_read[i], d_s1[i], gamma_b, rule,
+                )  # fmt: skip
+                per_chunk.append(rest)
+                if n and every and (n * b) % every == 0:
+                    da1 = torch.zeros_like(da1)
+                continue
             da1, da2, *rest = steps.backward_step(
                 da1, da2, anchor1[i], anchor2[i], tuple(t[i] for t in lq1), tuple(t[i] for t in lq2), kg[i],
                 last_w[i], total[i], None if full is None else full[n], h[i], z_raw[i], act[i], gz[i], gh[i],
@@ -506,13 +609,26 @@ def memory_backward(
             per_chunk.append(rest)
             if n and every and (n * b) % every == 0:  # truncated BPTT: the state entering chunk n was detached
                 da1, da2 = torch.zeros_like(da1), torch.zeros_like(da2)
-        dk_state, d_err, d_g, d_last_w, d_total = (torch.stack(field[::-1]) for field in zip(*per_chunk))
+        if fixed:  # through h = s2 k A2^T, every chunk of the group at once
+            d_act_full, d_err, d_g, d_last_w, d_total = (torch.stack(field[::-1]) for field in zip(*per_chunk))
+            d_h = torch.ops.aten.gelu_backward(d_act_full, h)
+            d_ks = d_h @ a2_fixed
+            dk_state = d_err + d_ks * s2
+            counted = max(0, min(first_cut, c1) - c0)
+            if counted:
+                da2_sum = da2_sum + (_bt(d_h[:counted]) @ (kg[:counted] * s2) + da2_read[:counted]).sum(0)
+                d_s2_sum = d_s2_sum + ((d_ks[:counted] * kg[:counted]).sum(dim=(-2, -1), keepdim=True)
+                                       + d_s2[:counted]).sum(0)  # fmt: skip
+        else:
+            dk_state, d_err, d_g, d_last_w, d_total = (torch.stack(field[::-1]) for field in zip(*per_chunk))
         d_eta, d_log_alpha = steps.gates_backward(d_weights, d_qd, decay, weights, query_decay, d_last_w, d_total)
         rows = (0, 1, 3)  # (G, B, H, b, d_h): all but H and d_h
         d_gamma += d_gamma_read + (d_g * f_err + d_err * z_hat).sum(dim=rows)
         d_beta += d_beta_read + d_err.sum(dim=rows)
         for grad, value in zip(grads, (dq, dk + dk_state, -d_err, d_eta, d_log_alpha)):
             grad[c0:c1] = value
+    if fixed:
+        da2 = da2_sum if rule.q == 2 else da2_sum + _lq_backward(a2_fixed, d_s2_sum, *lq2_fixed, rule)
     dq, dk, dv, d_eta, d_log_alpha = (_time_major(t) for t in grads)
     return dq, dk, dv, d_eta, d_log_alpha, da1, da2, d_gamma, d_beta
 
@@ -554,7 +670,10 @@ def _kept_shapes(q: Tensor, a1: Tensor, rule: RuleConfig) -> list[tuple[int, ...
     batch, heads, length, head_dim = q.shape
     b, width = rule.chunk_size, a1.shape[-1]
     lead = (length // b, batch, heads, b)
-    return [lead + (n,) for n in (width, head_dim, width, width, head_dim, head_dim, b)]
+    shapes = [lead + (n,) for n in (width, head_dim, width, width, head_dim, head_dim, b)]
+    if not rule.update_input:  # gz A1 s1 feeds only gh, which a fixed input matrix does not have
+        shapes[2] = (0,)
+    return shapes
 
 
 @torch.library.custom_op("miras::chunk_memory", mutates_args=())
@@ -575,7 +694,7 @@ def _(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, save, save_al
     two_level = rule_config.checkpoint_group > 1 and not save_all
     slots = 0 if not save else len(groups) if two_level else num_chunks
     kept = [q.new_empty(shape) for shape in _kept_shapes(q, a1, rule_config)] if save and save_all else []
-    states = (a1.new_empty(slots, *a1.shape), a2.new_empty(slots, *a2.shape))
+    states = (a1.new_empty(slots, *a1.shape), a2.new_empty(_input_slots(slots, rule_config), *a2.shape))
     return q.new_empty(q.shape), a1.new_empty(a1.shape), a2.new_empty(a2.shape), *states, kept
 
 
