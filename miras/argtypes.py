@@ -52,6 +52,17 @@ def byte_size(text: str) -> int:
     return int(value)
 
 
+def open_unit_float(text: str) -> float:
+    """A number strictly between 0 and 1 (a rate such as the memory's retention alpha)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (expected a number in (0, 1))") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not strictly between 0 and 1 (expected a number in (0, 1))")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = non_negative_float(text)
     if value == 0:

@@ -99,14 +99,24 @@ def test_moneta_checkpoint_group_reaches_the_model_config(tmp_path):
     assert config["model_config"]["memory_checkpoint_group"] == 2
 
 
-@pytest.mark.parametrize("lq_norm, update_input", [("inverse", True), ("scale_free", False)])
-def test_the_memory_form_on_the_command_line_reaches_the_model_config(tmp_path, lq_norm, update_input):
+@pytest.mark.parametrize("lq_norm, update_input, alpha", [("inverse", True, 0.99), ("scale_free", False, 0.9999)])
+def test_the_memory_form_on_the_command_line_reaches_the_model_config(tmp_path, lq_norm, update_input, alpha):
     flag = "--moneta-update-input" if update_input else "--no-moneta-update-input"
-    args = [*TINY, "--max-steps", "1", "--moneta-lq-norm", lq_norm, flag, "--output-dir", str(tmp_path)]
-    assert main([*args, "--run-name", "n"]) == 0
+    args = [*TINY, "--max-steps", "1", "--moneta-lq-norm", lq_norm, flag, "--moneta-alpha-init", str(alpha)]
+    assert main([*args, "--output-dir", str(tmp_path), "--run-name", "n"]) == 0
     config = json.loads((tmp_path / "n" / "config.json").read_text())
     assert config["model_config"]["lq_norm"] == lq_norm
     assert config["model_config"]["memory_update_input"] is update_input
+    assert config["model_config"]["alpha_init"] == alpha
+
+
+@pytest.mark.parametrize("alpha", ["1", "0", "-0.5", "high"])
+def test_a_retention_outside_0_1_is_one_line_and_exit_2(alpha, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([*TINY, "--max-steps", "1", "--moneta-alpha-init", alpha])
+    assert stop.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and alpha in err[0] and "(0, 1)" in err[0], err
 
 
 def test_memory_impl_reaches_the_model_config(tmp_path):

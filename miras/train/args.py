@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..argtypes import byte_size, non_negative_float, non_negative_int, positive_float, positive_int
+from ..argtypes import byte_size, non_negative_float, non_negative_int, open_unit_float, positive_float, positive_int
 from ..checkpoint.layout import CHECKPOINTS_DIR, LATEST_NAME
 from ..data_sources import BUILTIN, DEFAULT_HUB_DATASET, PYTHON_SOURCE
 from ..storage import StorageError, check_destination
@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="whether the memory's inner loop writes its input matrix too (the paper's MONETA) or only its output "
         "matrix, the input a feature map the outer loop learns (docs/model.md); a resumed run keeps its "
         "checkpoint's (default: the model's, MonetaConfig.memory_update_input)",
+    )
+    add(
+        "--moneta-alpha-init",
+        type=open_unit_float,
+        default=None,
+        help="the memory's retention alpha at initialisation for a new run, in (0, 1): 0.99 keeps a horizon of ~100 "
+        "tokens, 0.9999 ~10K (with --no-moneta-update-input --moneta-lq-norm scale_free: the passkey form, "
+        "docs/model.md); a resumed run keeps its checkpoint's (default: the model's, MonetaConfig.alpha_init)",
     )
     add(
         "--moneta-checkpoint-group",

@@ -174,6 +174,8 @@ def build_model_config(args, tokenizer) -> MonetaConfig:
         special["lq_norm"] = args.moneta_lq_norm
     if args.moneta_update_input is not None:
         special["memory_update_input"] = args.moneta_update_input
+    if args.moneta_alpha_init is not None:
+        special["alpha_init"] = args.moneta_alpha_init
     if args.dry_run and not args.dry_run_full_model:
         dim = args.dry_run_dim
         heads = 4 if dim % 4 == 0 else 1

@@ -59,7 +59,8 @@ def test_a_resumed_run_keeps_the_tokenizer_its_checkpoint_saved(tmp_path):
                                      pad_token=END_OF_TEXT)  # fmt: skip
     legacy.save_pretrained(tmp_path)
     args = SimpleNamespace(seq_len=48, dry_run=False, model_size="xs", moneta_detach_state_every=0,
-                           moneta_checkpoint_group=0, moneta_lq_norm=None, moneta_update_input=None)  # fmt: skip
+                           moneta_checkpoint_group=0, moneta_lq_norm=None, moneta_update_input=None,
+                           moneta_alpha_init=None)  # fmt: skip
     kept = resumed_tokenizer(args, tmp_path, byte_tokenizer())
     assert len(kept) == 257 and kept.pad_token_id == kept.eos_token_id == 256
     assert kept.padding_side == "left" and kept.model_max_length == 48
