@@ -42,9 +42,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import miras
 from miras.modeling import MonetaMixer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_lm_quality import parse_overrides  # noqa: E402
+
 SECTIONS = ("train", "memory", "mixer", "decode")
 MEMORY_CHECKPOINT_GROUP = 0  # MonetaConfig.memory_checkpoint_group, set by --memory-checkpoint-group
 MEMORY_IMPL = "auto"  # MonetaConfig.memory_impl, set by --memory-impl
+MODEL_OVERRIDES: dict = {}  # other MonetaConfig fields, set by --model-overrides
 VOCAB, HIDDEN, LAYERS, HEADS, FFN, CHUNK = 4096, 256, 4, 4, 688, 64
 MODELS = ("moneta", "llama")
 
@@ -63,6 +67,7 @@ def moneta_config(chunk_size: int = CHUNK, layers: int = LAYERS) -> miras.Moneta
         chunk_size=chunk_size,
         memory_checkpoint_group=MEMORY_CHECKPOINT_GROUP,
         memory_impl=MEMORY_IMPL,
+        **MODEL_OVERRIDES,
     )
 
 
@@ -271,6 +276,7 @@ def run_peak_memory(kind: str, seq_len: int, grad_checkpoint: bool, args) -> dic
     if grad_checkpoint:
         command.append("--grad-checkpoint")
     command += ["--memory-checkpoint-group", str(args.memory_checkpoint_group), "--memory-impl", args.memory_impl]
+    command += ["--model-overrides", *args.model_overrides]
     env = dict(os.environ)
     if args.malloc_mmap_threshold:
         # glibc then serves every allocation above the threshold with its own mmap and returns it on
@@ -636,6 +642,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--memory-impl", default="auto", help="MONETA: MonetaConfig.memory_impl (torch, compiled, ...)")
     parser.add_argument("--memory-checkpoint-group", type=int, default=0, help="MONETA: chunks per outer checkpoint")
     parser.add_argument(
+        "--model-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+        help="MONETA: other MonetaConfig fields, e.g. the paper's memory form: memory_update_input=true "
+        "lq_norm=inverse alpha_init=0.99 memory_read_gain_init=0.3162",
+    )  # fmt: skip
+    parser.add_argument(
         "--malloc-mmap-threshold", type=int, default=0, help="memory: glibc mmap threshold (bytes) in the workers"
     )
     parser.add_argument("--calib-size", type=int, default=2048, help="matmul size for the fp32 peak")
@@ -658,9 +669,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    global MEMORY_CHECKPOINT_GROUP, MEMORY_IMPL
+    global MEMORY_CHECKPOINT_GROUP, MEMORY_IMPL, MODEL_OVERRIDES
     args = parse_args(argv)
     MEMORY_CHECKPOINT_GROUP, MEMORY_IMPL = args.memory_checkpoint_group, args.memory_impl
+    MODEL_OVERRIDES = parse_overrides(args.model_overrides)
     torch.set_num_threads(args.threads)
     if args._peak_memory_worker:
         kind, seq_len = args._peak_memory_worker

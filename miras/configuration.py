@@ -3,27 +3,30 @@
 Choices the paper leaves open, decided once here (docs/model.md, "Model choices"):
 - per-head memory (d_h = hidden_size / num_heads), a 2-layer MLP of width mem_expansion * d_h,
   exact GELU, residual + LayerNorm with per-head affine parameters learned by the outer loop;
-- the l_q normaliser per matrix per head, frozen inside a chunk (docs/model.md, "The memory rule"): the
-  paper's W = A / ||A||_q^(q-2) (`lq_norm` "inverse"), which at q = 4 gives ||W||_4 = 1 / ||A||_4, so each
-  chunk commit rescales the memory the other way from what the chunk's writes did to the accumulators,
-  and two-pair recall across a commit fails (20-31%); or `lq_norm="scale_free"`, W = s A with
-  s = (||A||_2 / ||A||_q)^(q-2), a function of the accumulator's shape only, which binds across commits
-  (89-100%) but made the language-model run unstable (gradient norms up to 2.6e5, 2.006 bits per byte
-  against 1.694 at step 200), so it is not the default (bench/RESULTS.md, "Memory across chunk commits");
-- the inner loop writes both of the memory's matrices, as the paper (`memory_update_input` True), or only the
-  output one (False: the input matrix a feature map learned by the outer loop), which with the scale-free
-  normaliser learns the passkey where the paper's memory does not, but needs truncated BPTT on long windows
-  and has not yet beaten the memory-off model there (bench/RESULTS.md, "A fixed input matrix");
+- the memory's form (bench/RESULTS.md, "Memory defaults": the default form learns the passkey, binds recall and
+  lowers the loss of 4K-byte documents against the memory-off model; the paper's form does the last two only):
+  - the inner loop writes only the memory's output matrix (`memory_update_input` False): the input matrix
+    W2 = s(A2_0) A2_0 is a feature map of the keys learned by the outer loop. The paper writes both (True), and
+    then each write to W2 changes the features through which every earlier write to W1 is read, an
+    interference that grows with the square of the write size and keeps the passkey from binding;
+  - the l_q normaliser per matrix per head, frozen inside a chunk (docs/model.md, "The memory rule"):
+    `lq_norm="scale_free"`, W = s A with s = (||A||_2 / ||A||_q)^(q-2), a function of the accumulator's shape
+    only, so the memory is 1-homogeneous in A and a write's size relative to the memory shrinks as the
+    memory fills; the paper's W = A / ||A||_q^(q-2) ("inverse") gives ||W||_4 = 1 / ||A||_4 at q = 4, so
+    each chunk commit rescales the memory against what its writes did, and recall across a commit fails;
+  - retention alpha from 0.9999 (`alpha_init`, a horizon of ~10K tokens): with the scale-free normaliser a
+    memory that decays faster shrinks, and the gradient through its recurrence grows as 1 / ||A||^2 (norms of
+    1e6-1e8 at 4096 tokens at alpha 0.99, 3-4 at 0.9999); the paper's form keeps 0.99;
 - gates: eta_t = eta_max * sigmoid(.), alpha_t = sigmoid(.) kept in log space; per-head scalars by
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
-  biases start alpha at `alpha_init` (0.99) and eta log-spaced over the heads around `eta_init`;
-- defaults chosen so that the memory binds keys to values and costs the language model nothing
-  (bench/RESULTS.md, "Memory defaults"): writes of eta 0.03-1.5 out of a maximum of 3 (`eta_init` 0.3,
-  spread 10 over a layer's heads) into a memory at full LayerNorm gain (`memory_gain_init` 1), a read
-  gain apart from it of 0.1-1 in the same head order (`memory_read_gain_init` 0.3162, spread 3.162), and
-  each head's value RMS-normalised (`value_norm`). With the earlier weak writes (eta 0.001-0.1, gain 0.1)
-  recall settled at the bag of values; with the read's strength tied to the memory's own gain (the
-  previous defaults) recall bound but the language model paid 0.06 bits per byte at step 200;
+  biases start alpha at `alpha_init` and eta log-spaced over the heads around `eta_init`;
+- writes of eta 0.03-1.5 out of a maximum of 3 (`eta_init` 0.3, spread 10 over a layer's heads) into a
+  memory at full LayerNorm gain (`memory_gain_init` 1), a read gain apart from it of 0.01-0.1 in the same
+  head order (`memory_read_gain_init` 0.03, spread 3.162; 0.1-1 in the paper's form, where a read that
+  averages a whole 4K window at full strength costs the language model ~0.1 bits per byte), and each head's
+  value RMS-normalised (`value_norm`). With the earlier weak writes (eta 0.001-0.1, gain 0.1) recall settled
+  at the bag of values; with the read's strength tied to the memory's own gain recall bound but the
+  language model paid 0.06 bits per byte at step 200;
 - the initial memory A_0 is learned, drawn so that ||A_0||_q = 1 in expectation (W_0 = A_0 with the
   inverse normaliser, ~sqrt(n / 3) A_0 for n entries with the scale-free one), the output matrix's times
   `memory_out_init_scale` (1), the input matrix's times `memory_in_init_scale` (1);
@@ -106,18 +109,18 @@ class MonetaConfig(PreTrainedConfig):
         eta_max: float = 3.0,
         eta_init: float = 0.3,
         eta_init_spread: float = 10.0,
-        alpha_init: float = 0.99,
+        alpha_init: float = 0.9999,
         alpha_init_spread: float = 1.0,
         lq_floor: float = 0.01,
-        lq_norm: str = "inverse",
-        memory_update_input: bool = True,
+        lq_norm: str = "scale_free",
+        memory_update_input: bool = False,
         smooth_lp: bool | None = None,
         sign_sharpness: float = 10.0,
         abs_eps: float = 1e-6,
         inner_grad_clamp: float | None = None,
         memory_gain_init: float = 1.0,
         memory_gain_init_spread: float = 1.0,
-        memory_read_gain_init: float | None = 0.3162,
+        memory_read_gain_init: float | None = 0.03,
         memory_read_gain_init_spread: float = 3.162,
         memory_out_init_scale: float = 1.0,
         memory_in_init_scale: float = 1.0,

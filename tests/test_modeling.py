@@ -215,7 +215,7 @@ def test_bf16_autocast_training_stays_finite(chunk_size):
         ("value_norm", 1, "true or false"),
         ("value_norm_eps", 0.0, "> 0"),
         ("alpha_init_spread", 0.5, ">= 1"),
-        ("alpha_init_spread", 100.0, "below 1 / \\(1 - alpha_init\\) = 100"),
+        ("alpha_init_spread", 2e4, "below 1 / \\(1 - alpha_init\\) = 10000"),
     ],
 )
 def test_bad_config_values_name_the_field(field, value, accepted):
@@ -234,10 +234,10 @@ def test_heads_start_at_log_spaced_read_gains_and_write_strengths_in_the_same_or
         torch.testing.assert_close(etas, torch.tensor([0.001, 0.01 / 10 ** (1 / 3), 0.01 * 10 ** (1 / 3), 0.1]))
     flat = tiny_model(memory_gain_init=0.3162, memory_gain_init_spread=1.0).model.layers[0].mixer.memory_ln_weight
     assert torch.all(flat == flat.new_tensor(0.3162))  # spread 1: every head at memory_gain_init
-    default = tiny_model().model.layers[0].mixer  # the defaults: memory at full gain, reads 0.1-1, etas 0.03-1.5
+    default = tiny_model().model.layers[0].mixer  # the defaults: memory at full gain, reads 0.01-0.1, etas 0.03-1.5
     assert torch.all(default.memory_ln_weight == 1.0)
     torch.testing.assert_close(
-        default.memory_read_gain.detach(), 0.3162 * 3.162 ** torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0])
+        default.memory_read_gain.detach(), 0.03 * 3.162 ** torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0])
     )
     etas = 3.0 * torch.sigmoid(default.eta_alpha_proj.bias[: default.num_heads].detach())
     torch.testing.assert_close(etas, torch.tensor([0.03, 0.3 / 10 ** (1 / 3), 0.3 * 10 ** (1 / 3), 1.5]))
@@ -310,8 +310,10 @@ def test_forgetting_rates_spread_the_other_way_round_so_the_strongest_writers_ke
         torch.testing.assert_close(alphas, expected, rtol=0, atol=1e-6)
         etas = mixer.eta_alpha_proj.bias[: mixer.num_heads].detach()
         assert torch.all(etas[1:] >= etas[:-1]) and etas[-1] > etas[0]  # slowest to forget: the strongest writer
-    flat = tiny_model().model.layers[0].mixer.eta_alpha_proj.bias[4:].detach()
+    flat = tiny_model(alpha_init=0.99).model.layers[0].mixer.eta_alpha_proj.bias[4:].detach()
     assert torch.all(flat == flat.new_tensor(math.log(0.99 / 0.01)))  # spread 1: every head at alpha_init
+    default = tiny_model().model.layers[0].mixer.eta_alpha_proj.bias[4:].detach().double()
+    torch.testing.assert_close(torch.sigmoid(default), torch.full_like(default, 0.9999), rtol=0, atol=1e-7)
 
 
 def test_spread_across_layers_runs_one_range_over_every_head_in_layer_order():
@@ -588,3 +590,25 @@ def test_compiled_model_equals_eager_for_a_training_step_and_for_decoding(block_
         cache = model(ids[:, :3], use_cache=True).cache
         steps = [compiled(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(3, 10)]
     torch.testing.assert_close(torch.cat(steps, 1), full[:, 3:], rtol=0, atol=1e-4)
+
+
+def test_a_model_saved_in_the_papers_form_loads_in_it(tmp_path):
+    """The defaults before the memory's form changed (both matrices written, the paper's normaliser, alpha 0.99,
+    read gains 0.1-1): config.json names each, so such a model comes back in that form with the same logits
+    although today's defaults differ in all four; a file from before `lq_norm` and `memory_update_input`
+    existed (which knows neither) reads the same way."""
+    import json
+
+    paper = dict(memory_update_input=True, lq_norm="inverse", alpha_init=0.99, memory_read_gain_init=0.3162)
+    assert all(getattr(MonetaConfig(), field) != value for field, value in paper.items())
+    model = tiny_model(**paper, chunk_size=4).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["lq_norm"], saved["memory_update_input"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = MonetaForCausalLM.from_pretrained(tmp_path).eval()
+    assert {field: getattr(loaded.config, field) for field in paper} == paper
+    assert all(block.mixer.rule.update_input and block.mixer.rule.lq_norm == "inverse" for block in loaded.model.layers)
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)

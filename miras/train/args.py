@@ -83,9 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--moneta-alpha-init",
         type=open_unit_float,
         default=None,
-        help="the memory's retention alpha at initialisation for a new run, in (0, 1): 0.99 keeps a horizon of ~100 "
-        "tokens, 0.9999 ~10K (with --no-moneta-update-input --moneta-lq-norm scale_free: the passkey form, "
-        "docs/model.md); a resumed run keeps its checkpoint's (default: the model's, MonetaConfig.alpha_init)",
+        help="the memory's retention alpha at initialisation for a new run, in (0, 1): 0.9999 (the model's default) "
+        "keeps a horizon of ~10K tokens, 0.99 (the paper's form, with --moneta-update-input --moneta-lq-norm inverse) "
+        "~100; a resumed run keeps its checkpoint's (default: the model's, MonetaConfig.alpha_init)",
     )
     add(
         "--moneta-checkpoint-group",

@@ -319,7 +319,7 @@ def test_the_default_floor_keeps_a_collapsed_head_finite_in_fp32():
 
 def test_the_scale_free_normaliser_reads_a_collapsed_head_finitely_in_fp32():
     """The scale-free normaliser does not grow as the accumulator decays: no floor is needed."""
-    assert RuleConfig().lq_norm == MonetaConfig().lq_norm  # the op's default is the model's
+    assert MonetaConfig().lq_norm == "scale_free"  # the model's default (the op's RuleConfig keeps the paper's)
     y, grads = collapsed_head_step(1e-6, "scale_free")
     assert torch.isfinite(y).all()
     assert not [name for name, g in grads.items() if not torch.isfinite(g).all()]
