@@ -16,7 +16,7 @@ Choices the paper leaves open, decided once here (docs/model.md, "Model choices"
     each chunk commit rescales the memory against what its writes did, and recall across a commit fails;
   - retention alpha from 0.9999 (`alpha_init`, a horizon of ~10K tokens): with the scale-free normaliser a
     memory that decays faster shrinks, and the gradient through its recurrence grows as 1 / ||A||^2 (norms of
-    1e6-1e8 at 4096 tokens at alpha 0.99, 3-4 at 0.9999); the paper's form keeps 0.99;
+    1e5-1e8 at 4096 tokens at alpha 0.99, 3-4 at 0.9999); the paper's form keeps 0.99;
 - gates: eta_t = eta_max * sigmoid(.), alpha_t = sigmoid(.) kept in log space; per-head scalars by
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
   biases start alpha at `alpha_init` and eta log-spaced over the heads around `eta_init`;

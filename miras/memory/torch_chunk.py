@@ -12,6 +12,10 @@ index joins the batch dimensions of every op (large matmuls instead of one small
               per chunk   the state gradient through the commit, the anchor gradients and the normalisers
               batched     the gates' backward, the gradients' reductions
 
+With a fixed input matrix (rule.update_input False, the model's default) only A1 recurs: s2, h and gelu(h)
+of a group's chunks are one batched product before its chunk loop, one A2 state is kept, and A2's gradient
+is summed batched after the group's per-chunk backward.
+
 Forward, per head, with s = l_q normalisers frozen at the anchor (A1, A2), D[t, j] the decay weights
 and Q_t = exp(c_t) the query decays (rule.py has the same formulas with autograd):
 
