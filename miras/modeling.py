@@ -87,18 +87,60 @@ class MonetaMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class _ShiftedSum(torch.autograd.Function):
+    """out[:, t] = sum_i w[:, i] * x[:, t + i] on the channels-last layout: x (B, L, C) contiguous, w (C, K).
+
+    A depthwise conv as K multiply-adds of shifted views, with a hand-written backward: on the CPU ATen's depthwise
+    convolution takes ~95 ms forward and ~100 ms backward for one layer's (4, 768, 2051) input, against ~26 and
+    ~95 ms here (bench/RESULTS.md, training speed). The weight's gradient sums in fp32 under bf16/fp16.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        taps = weight.shape[1]
+        length = x.shape[1] - taps + 1
+        out = x[:, :length] * weight[:, 0]
+        for i in range(1, taps):
+            out.addcmul_(x[:, i : i + length], weight[:, i])
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        taps, length = weight.shape[1], grad.shape[1]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.zeros_like(x)
+            for i in range(taps):
+                dx[:, i : i + length].addcmul_(grad, weight[:, i])
+        if ctx.needs_input_grad[1]:
+            total = torch.promote_types(grad.dtype, torch.float32)
+            dw = torch.stack([(grad * x[:, i : i + length]).sum((0, 1), dtype=total) for i in range(taps)], dim=-1)
+            dw = dw.to(weight.dtype)
+        return dx, dw
+
+
 class CausalDepthwiseConv1d(nn.Conv1d):
-    """The mixer's depthwise conv (an nn.Conv1d: same weight, state dict and hooks). For one output step, the
-    decoding case, it is a product and a sum over the kernel: the convolution kernel's dispatch there costs ~10x
-    the arithmetic (0.1 ms against 0.01 ms per call on the CPU).
+    """The mixer's depthwise conv (an nn.Conv1d: same weight, state dict and hooks), computed as shifted
+    multiply-adds instead of ATen's convolution kernel (_ShiftedSum): fastest on a channels-last input, a (B, C, L)
+    view of a contiguous (B, L, C) tensor, which the mixer passes. For one output step, the decoding case, it is a
+    product and a sum over the kernel: the convolution kernel's dispatch there costs ~10x the arithmetic (0.1 ms
+    against 0.01 ms per call on the CPU). Padded, strided or dilated convs go to the kernel.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plain = self.padding == (0,) and self.stride == (1,) and self.dilation == (1,)
-        if plain and x.shape[-1] == self.kernel_size[0] and self.groups == self.in_channels == self.out_channels:
-            out = (x * self.weight.squeeze(1)).sum(-1, keepdim=True)
+        if not (plain and self.groups == self.in_channels == self.out_channels):
+            return super().forward(x)
+        weight = self.weight.squeeze(1).to(x.dtype)
+        if x.shape[-1] == self.kernel_size[0]:
+            out = (x * weight).sum(-1, keepdim=True)
             return out if self.bias is None else out + self.bias[:, None]
-        return super().forward(x)
+        out = _ShiftedSum.apply(x.transpose(1, 2).contiguous(), weight)  # (B, L - K + 1, C)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.transpose(1, 2)
 
 
 class MonetaCache(Cache):
@@ -218,11 +260,11 @@ class MonetaMixer(nn.Module):
 
     def _causal_conv(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Depthwise causal conv over (B, T, C); the last conv_size-1 inputs are the state carried forward."""
-        x = x.transpose(1, 2)
         tail = self.conv_size - 1
         if conv_state is None:
-            conv_state = x.new_zeros(x.shape[0], x.shape[1], tail)
-        padded = torch.cat([conv_state.to(x.dtype), x], dim=-1)
+            conv_state = x.new_zeros(x.shape[0], x.shape[2], tail)
+        # Padded on the (B, T, C) layout and handed over as a (B, C, T) view of it: the conv's channels-last input.
+        padded = torch.cat([conv_state.to(x.dtype).transpose(1, 2), x], dim=1).transpose(1, 2)
         out = self.conv(padded)  # through the module, so hooks, adapters and quantizers on it see the call
         # SiLU on the (B, T, C) layout: its backward on the transposed view is ~4x slower.
         # The carried tail is copied out: a view would keep the whole padded input alive in the cache, and its

@@ -532,13 +532,16 @@ def test_the_conv_runs_through_its_module():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("length", [4, 9])  # one output step (decoding's product-and-sum), then the conv kernel
-def test_the_causal_conv_equals_a_depthwise_conv1d(bias, length):
+@pytest.mark.parametrize("length", [4, 9])  # one output step (decoding's product-and-sum), then the shifted sums
+@pytest.mark.parametrize("channels_last", [False, True])  # the mixer's input: a (B, C, L) view of (B, L, C)
+def test_the_causal_conv_equals_a_depthwise_conv1d(bias, length, channels_last):
     torch.manual_seed(0)
     conv = CausalDepthwiseConv1d(6, 6, 4, groups=6, bias=bias).double()
     reference = torch.nn.Conv1d(6, 6, 4, groups=6, bias=bias).double()
     reference.load_state_dict(conv.state_dict())
     x = torch.randn(2, 6, length, dtype=torch.float64, requires_grad=True)
+    if channels_last:
+        x = torch.randn(2, length, 6, dtype=torch.float64, requires_grad=True).transpose(1, 2)
     out, expected = conv(x), reference(x)
     assert out.shape == expected.shape == (2, 6, length - 3)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)

@@ -26,7 +26,8 @@ and Q_t = exp(c_t) the query decays (rule.py has the same formulas with autograd
     commit:  A2' = Q_b A2 - gh^T (k * D[b])   A1' = Q_b A1 - (gz * D[b])^T act
 
 What the backward gets from the forward is one decision, `save_all`:
-- False: each chunk's anchor state, B*H*N*2*d_h*m floats (what the Triton path keeps too); the
+- False: each chunk's anchor state, B*H*N*2*d_h*m floats (what the Triton path keeps too), and its l_q
+  normalisers (4 numbers per matrix, head and chunk: recomputing them is a pass over the anchor); the
   backward recomputes the rest, batched over a group of chunks. With rule.checkpoint_group = G > 1
   only every G-th state is kept and the backward first re-runs a group's per-chunk part.
 - True: also what the backward would recompute (h, z, gz A1 s1, hq, aq A1^T, zq, aq act^T: 3m + 3d_h + b
@@ -152,11 +153,11 @@ def _gates(log_alpha: Tensor, eta: Tensor, causal: Tensor):
 def _forward_step(a1, a2, k, v, last_w, total, full, gamma, beta, rule: RuleConfig):
     """One chunk's sequential part: its normalisers, anchor gradients and the committed state.
 
-    Returns the next state and what the reads (and a kept backward) need: s1, s2, h, z (unscaled), gz A1 s1,
-    act, gz, gh.
+    Returns the next state and what the reads (and a kept backward) need: the anchor's normalisers (_pack_norms),
+    h, z (unscaled), gz A1 s1, act, gz, gh.
     """
-    s1 = _lq_forward(a1, rule)[0]
-    s2 = _lq_forward(a2, rule)[0]
+    lq1, lq2 = _lq_forward(a1, rule), _lq_forward(a2, rule)
+    s1, s2 = lq1[0], lq2[0]
     h = (k * s2) @ _bt(a2)
     act = F.gelu(h)
     z_raw = act @ _bt(a1)
@@ -170,7 +171,18 @@ def _forward_step(a1, a2, k, v, last_w, total, full, gamma, beta, rule: RuleConf
     if full is not None:  # rows whose chunk is not full keep their anchor (the chunk stays open)
         keep = full[:, None, None, None]
         new_a1, new_a2 = torch.where(keep, new_a1, a1), torch.where(keep, new_a2, a2)
-    return new_a1, new_a2, s1, s2, h, z_raw, gz_w, act, gz, gh
+    return new_a1, new_a2, _pack_norms(lq1), _pack_norms(lq2), h, z_raw, gz_w, act, gz, gh
+
+
+def _pack_norms(lq) -> Tensor:
+    """_lq_forward's four (..., 1, 1) tensors as one (..., 1, 4): what the backward needs of an anchor's normaliser,
+    kept by the forward instead of recomputed from the anchor (eight passes over a state-sized tensor per chunk)."""
+    return torch.cat(lq, dim=-1)
+
+
+def _unpack_norms(packed: Tensor):
+    """(s, peak, ||A / peak||_q, ||A / peak||_2), each (..., 1, 1), from _pack_norms."""
+    return tuple(packed[..., j : j + 1] for j in range(4))
 
 
 def _input_features(k, a2, rule: RuleConfig):
@@ -183,14 +195,15 @@ def _input_features(k, a2, rule: RuleConfig):
 
 def _forward_step_fixed(a1, act, k, v, last_w, total, full, gamma, beta, rule: RuleConfig):
     """_forward_step with a fixed input matrix: only A1 recurs (act from _input_features). Returns the next A1,
-    s1, z (unscaled) and gz."""
-    s1 = _lq_forward(a1, rule)[0]
+    the anchor's normalisers (_pack_norms), z (unscaled) and gz."""
+    lq1 = _lq_forward(a1, rule)
+    s1 = lq1[0]
     z_raw = act @ _bt(a1)
     gz = _inner_error(z_raw, s1, k, v, gamma, beta, rule)[-1]
     new_a1 = add_matmul(total[..., None, None] * a1, _bt(gz * -last_w.unsqueeze(-1)), act)
     if full is not None:  # rows whose chunk is not full keep their anchor (the chunk stays open)
         new_a1 = torch.where(full[:, None, None, None], new_a1, a1)
-    return new_a1, s1, z_raw, gz
+    return new_a1, _pack_norms(lq1), z_raw, gz
 
 
 def _anchor_recompute(a1, a2, s1, s2, k, v, gamma, beta, rule: RuleConfig):
@@ -456,10 +469,10 @@ def _full_chunks(lengths: Tensor | None, num_chunks: int, chunk_size: int) -> Te
 
 def _run_chunks(steps: _Steps, a1, a2, k, v, last_w, total, full, gamma, beta, rule, c0: int, c1: int):
     """The sequential part over chunks [c0, c1): the final state and, stacked over the chunks, their anchors
-    and the forward step's outputs (s1, s2, h, z, gz A1 s1, act, gz, gh).
+    and the forward step's outputs (packed normalisers of A1 and A2, s1, s2, h, z, gz A1 s1, act, gz, gh).
 
     With a fixed input matrix A2, s2, h and act come batched from _input_features before the loop; A2 and s2
-    are returned once (they broadcast against the chunk axis), gz A1 s1 and gh as None (nothing uses them).
+    are returned once (they broadcast against the chunk axis), A2's normalisers, gz A1 s1 and gh as None.
     """
     outputs = []
     if not rule.update_input:
@@ -471,8 +484,8 @@ def _run_chunks(steps: _Steps, a1, a2, k, v, last_w, total, full, gamma, beta, r
                 a1, act[i], k[i], v[i], last_w[i], total[i], None if full is None else full[n], gamma, beta, rule
             )
             outputs.append((start, *rest))
-        anchor1, s1, z_raw, gz = (torch.stack(field) for field in zip(*outputs))
-        return a1, a2, [anchor1, a2, s1, s2, h, z_raw, None, act, gz, None]
+        anchor1, norms1, z_raw, gz = (torch.stack(field) for field in zip(*outputs))
+        return a1, a2, [anchor1, a2, norms1, None, norms1[..., :1], s2, h, z_raw, None, act, gz, None]
     for n in range(c0, c1):
         start = (a1, a2)
         a1, a2, *rest = steps.forward_step(
@@ -480,12 +493,14 @@ def _run_chunks(steps: _Steps, a1, a2, k, v, last_w, total, full, gamma, beta, r
             gamma, beta, rule,
         )  # fmt: skip
         outputs.append((*start, *rest))
-    return a1, a2, [torch.stack(field) for field in zip(*outputs)]
+    anchor1, anchor2, norms1, norms2, *rest = (torch.stack(field) for field in zip(*outputs))
+    return a1, a2, [anchor1, anchor2, norms1, norms2, norms1[..., :1], norms2[..., :1], *rest]
 
 
 def memory_forward(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: RuleConfig, save, save_all, compiled):
-    """y (B, H, N*b, d_h), the final state and what the backward keeps: (states1, states2, kept); nothing
-    kept unless `save` (no backward will run)."""
+    """y (B, H, N*b, d_h), the final state and what the backward keeps: (states1, states2, norms1, norms2, kept);
+    nothing kept unless `save` (no backward will run). norms*: each kept anchor's packed normalisers (_pack_norms),
+    of every chunk when every anchor is kept (none under two-level recompute, which runs the chunks again)."""
     steps = _steps(compiled)
     batch, _, length, _ = q.shape
     b = rule.chunk_size
@@ -499,6 +514,9 @@ def memory_forward(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: 
     slots = 0 if not save else len(groups) if two_level else num_chunks
     states1 = a1.new_empty(slots, *a1.shape)
     states2 = a2.new_empty(_input_slots(slots, rule), *a2.shape)
+    norm_slots = 0 if two_level else slots
+    norms1 = a1.new_empty(norm_slots, *a1.shape[:2], 1, 4)
+    norms2 = a1.new_empty(norm_slots if rule.update_input else 0, *a1.shape[:2], 1, 4)
     ys, kept = [], []
     for index, (c0, c1) in enumerate(groups):
         _, weights, query_decay = steps.gates(lc[c0:c1], ec[c0:c1], causal)
@@ -509,11 +527,13 @@ def memory_forward(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: 
                 states2[index] = a2
         a1, a2, fields = _run_chunks(steps, a1, a2, kc[c0:c1], vc[c0:c1], last_w, total, full, gamma_b, beta_b,
                                      rule, c0, c1)  # fmt: skip
-        anchor1, anchor2, s1, s2, h, z_raw, gz_w, act, gz, gh = fields
+        anchor1, anchor2, chunk_norms1, chunk_norms2, s1, s2, h, z_raw, gz_w, act, gz, gh = fields
         if save and not two_level:
             states1[c0:c1] = anchor1
+            norms1[c0:c1] = chunk_norms1
             if rule.update_input:
                 states2[c0:c1] = anchor2
+                norms2[c0:c1] = chunk_norms2
         y, hq, a_q, zq, s_aa = steps.read(
             qc[c0:c1], kc[c0:c1], weights, query_decay, s1, s2, anchor1, anchor2, act, gz, gh, gamma_b, beta_b, rule
         )
@@ -526,7 +546,7 @@ def memory_forward(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: 
     kept = [torch.cat(field) for field in zip(*kept)]
     if not rule.update_input:  # A2 came through unchanged, and a custom op's output may not alias its input
         a2 = a2.clone()
-    return y, a1, a2, states1, states2, kept
+    return y, a1, a2, states1, states2, norms1, norms2, kept
 
 
 def _input_slots(slots: int, rule: RuleConfig) -> int:
@@ -535,8 +555,8 @@ def _input_slots(slots: int, rule: RuleConfig) -> int:
 
 
 def memory_backward(
-    dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, kept, rule: RuleConfig,
-    save_all, compiled,
+    dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, norms1, norms2, kept,
+    rule: RuleConfig, save_all, compiled,
 ):  # fmt: skip
     """Gradients of q, k, v, eta, log_alpha, the initial state and gamma, beta (memory_forward's inputs)."""
     steps = _steps(compiled)
@@ -567,13 +587,14 @@ def memory_backward(
         decay, weights, query_decay = steps.gates(lc[c0:c1], ec[c0:c1], causal)
         last_w, total = weights[..., -1, :], query_decay[..., -1]
         if two_level:  # this group's anchors again, from its first state
-            _, _, (anchor1, anchor2, _, _, h, z_raw, gz_w, *_) = _run_chunks(
+            _, _, (anchor1, anchor2, chunk_norms1, chunk_norms2, _, _, h, z_raw, gz_w, *_) = _run_chunks(
                 steps, states1[index], a2_fixed if fixed else states2[index], kg, vg, last_w, total, full, gamma_b,
                 beta_b, rule, c0, c1,
             )  # fmt: skip
         else:
             anchor1, anchor2 = states1[c0:c1], a2_fixed if fixed else states2[c0:c1]
-        lq1, lq2 = steps.lq_forward(anchor1, rule), lq2_fixed if fixed else steps.lq_forward(anchor2, rule)
+            chunk_norms1, chunk_norms2 = norms1[c0:c1], None if fixed else norms2[c0:c1]
+        lq1, lq2 = _unpack_norms(chunk_norms1), lq2_fixed if fixed else _unpack_norms(chunk_norms2)
         s1, s2 = lq1[0], lq2[0]
         if save_all:
             h, z_raw, gz_w, hq, a_q, zq, s_aa = (t[c0:c1] for t in kept)
@@ -684,7 +705,7 @@ def _kept_shapes(q: Tensor, a1: Tensor, rule: RuleConfig) -> list[tuple[int, ...
 def _chunk_memory(
     q: Tensor, k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor, a1: Tensor, a2: Tensor, gamma: Tensor,
     beta: Tensor, lengths: Tensor | None, rule: list[float], save: bool, save_all: bool, compiled: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:  # fmt: skip
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, list[Tensor]]:  # fmt: skip
     with torch.no_grad():
         return memory_forward(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, _rule_from(rule), save,
                               save_all, compiled)  # fmt: skip
@@ -699,36 +720,41 @@ def _(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, save, save_al
     slots = 0 if not save else len(groups) if two_level else num_chunks
     kept = [q.new_empty(shape) for shape in _kept_shapes(q, a1, rule_config)] if save and save_all else []
     states = (a1.new_empty(slots, *a1.shape), a2.new_empty(_input_slots(slots, rule_config), *a2.shape))
-    return q.new_empty(q.shape), a1.new_empty(a1.shape), a2.new_empty(a2.shape), *states, kept
+    norm_slots = 0 if two_level else slots
+    norms = (a1.new_empty(norm_slots, *a1.shape[:2], 1, 4),
+             a1.new_empty(norm_slots if rule_config.update_input else 0, *a1.shape[:2], 1, 4))  # fmt: skip
+    return q.new_empty(q.shape), a1.new_empty(a1.shape), a2.new_empty(a2.shape), *states, *norms, kept
 
 
 @torch.library.custom_op("miras::chunk_memory_backward", mutates_args=())
 def _chunk_memory_backward(
     dy: Tensor, da1: Tensor, da2: Tensor, q: Tensor, k: Tensor, v: Tensor, eta: Tensor, log_alpha: Tensor,
-    gamma: Tensor, beta: Tensor, lengths: Tensor | None, states1: Tensor, states2: Tensor, kept: list[Tensor],
-    rule: list[float], save_all: bool, compiled: bool,
+    gamma: Tensor, beta: Tensor, lengths: Tensor | None, states1: Tensor, states2: Tensor, norms1: Tensor,
+    norms2: Tensor, kept: list[Tensor], rule: list[float], save_all: bool, compiled: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     with torch.no_grad():
-        return memory_backward(dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, kept,
-                               _rule_from(rule), save_all, compiled)  # fmt: skip
+        return memory_backward(dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, norms1,
+                               norms2, kept, _rule_from(rule), save_all, compiled)  # fmt: skip
 
 
 @_chunk_memory_backward.register_fake
-def _(dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, kept, rule, save_all, compiled):
+def _(dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, norms1, norms2, kept, rule,
+      save_all, compiled):  # fmt: skip
     return tuple(t.new_empty(t.shape) for t in (q, k, v, eta, log_alpha, da1, da2, gamma, beta))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, eta, log_alpha, _, _, gamma, beta, lengths, rule, _, save_all, compiled = inputs
-    _, _, _, states1, states2, kept = output
-    ctx.save_for_backward(q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, *kept)
+    _, _, _, states1, states2, norms1, norms2, kept = output
+    ctx.save_for_backward(q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, norms1, norms2, *kept)
     ctx.options = (rule, save_all, compiled)
 
 
 def _backward(ctx, dy, da1, da2, *_):
-    q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, *kept = ctx.saved_tensors
+    q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, norms1, norms2, *kept = ctx.saved_tensors
     grads = _chunk_memory_backward(
-        dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, kept, *ctx.options
+        dy, da1, da2, q, k, v, eta, log_alpha, gamma, beta, lengths, states1, states2, norms1, norms2, kept,
+        *ctx.options,
     )
     return (*grads, None, None, None, None, None)
 
