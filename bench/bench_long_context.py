@@ -15,6 +15,10 @@ Evaluation: the first `--eval-documents` documents of the corpus are held out; e
 of at least seq-len bytes gives its first window (position 0 = the start of the file). The loss is
 reported by position bucket (0-64, 64-512, 512-2048, 2048-4096) in bits per byte. The memory pays
 where `moneta` is below `moneta-read-off` at positions >= 512 by more than the seed spread.
+With `--limited-context N` (512 by default, 0: off) each model is evaluated once more with every
+prediction seeing only its last N to 2N tokens (miras.evaluation.evaluate_positions_limited): the rise
+of a model's late-position loss under that cut is what it draws from further back (for MONETA: what its
+state carries across the window; the read-off twin and its conv see a few tokens and lose nothing).
 
 Examples:
   python bench/bench_long_context.py --steps 300 --seeds 0 1 --out bench/out/long_context.json
@@ -37,7 +41,7 @@ from transformers import LlamaForCausalLM
 
 import miras
 from miras.data import PYTHON_SOURCE, DataConfig, open_documents, open_stream
-from miras.evaluation import LN2, POSITION_EDGES, evaluate_positions
+from miras.evaluation import LN2, POSITION_EDGES, evaluate_positions, evaluate_positions_limited
 from miras.probes import memory_read_off
 from miras.tokenizer import byte_tokenizer
 
@@ -113,11 +117,20 @@ def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
             "held_out_bpb": positions.mean() / LN2,
             "by_position_bpb": {k: v / LN2 for k, v in positions.by_bucket().items()},
             "max_grad_norm": max(run.grad_norms) if run.grad_norms else None,
+            "limited_context": args.limited_context,
             "diverged_at": run.diverged_at,
             "train_curve": curves[name],
         }
         buckets = "  ".join(f"{k}: {v:.3f}" for k, v in result[name]["by_position_bpb"].items())
         print(f"seed {seed} {name:16s} held-out {result[name]['held_out_bpb']:.3f} bpb   {buckets}")
+        if args.limited_context:
+            limited = evaluate_positions_limited(run.model, windows, args.eval_batch_size, args.limited_context)
+            result[name]["by_position_bpb_limited"] = {k: v / LN2 for k, v in limited.by_bucket().items()}
+            rise = "  ".join(
+                f"{k}: {v - result[name]['by_position_bpb'][k]:+.3f}"
+                for k, v in result[name]["by_position_bpb_limited"].items()
+            )
+            print(f"seed {seed} {name:16s} context cut to {args.limited_context}-{2 * args.limited_context}: {rise}")
     sys.stdout.flush()
     ablations.close()
     return result
@@ -139,6 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-windows", type=int, default=24, help="held-out windows evaluated (at most)")
     parser.add_argument("--eval-batch-size", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument(
+        "--limited-context", type=int, default=512, help="also evaluate, each context cut to N-2N (0: off)"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
         "--models", nargs="+", choices=MODELS, default=list(MODELS), help="which of the three to train (default: all)"
@@ -148,6 +164,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seq_len, args.seeds, args.eval_windows, args.log_every, args.warmup = 3, 256, [0], 2, 1, 1
+        args.limited_context = min(args.limited_context, 64)
     return args
 
 

@@ -75,3 +75,34 @@ def evaluate_positions(model, windows: torch.Tensor, batch_size: int, edges: Seq
     finally:
         model.train(was_training)
     return result
+
+
+@torch.no_grad()
+def evaluate_positions_limited(
+    model, windows: torch.Tensor, batch_size: int, context: int, edges: Sequence[int] = POSITION_EDGES
+):
+    """PositionLoss as evaluate_positions, but each prediction sees at most the last 2 * context tokens.
+
+    The window is scored in blocks of `context` positions; the block starting at s runs from token s - context,
+    so a prediction at position p >= context sees between context + 1 and 2 * context tokens (all of them below
+    context). Against evaluate_positions on the same windows this says how much of the loss at late positions
+    comes from tokens further back than that: for a recurrent model, what its state carries across thousands
+    of tokens, for a model without one (a local window), nothing. Costs about two forward passes per window.
+    """
+    was_training = model.training
+    model.eval()
+    result = PositionLoss(edges)
+    length = windows.shape[1]
+    try:
+        for batch in windows.split(batch_size):
+            losses = torch.full((batch.shape[0], length - 1), math.nan)
+            first = batch[:, : context + 1]
+            losses[:, : first.shape[1] - 1] = next_token_losses(model(input_ids=first, use_cache=False).logits, first)
+            for start in range(context, length - 1, context):
+                piece = batch[:, start - context : start + context + 1]
+                scored = next_token_losses(model(input_ids=piece, use_cache=False).logits, piece)[:, context:]
+                losses[:, start : start + scored.shape[1]] = scored
+            result.add(losses)
+    finally:
+        model.train(was_training)
+    return result
