@@ -30,6 +30,9 @@ What the backward gets from the forward is one decision, `save_all`:
   normalisers (4 numbers per matrix, head and chunk: recomputing them is a pass over the anchor); the
   backward recomputes the rest, batched over a group of chunks. With rule.checkpoint_group = G > 1
   only every G-th state is kept and the backward first re-runs a group's per-chunk part.
+  With a fixed input matrix (and no checkpoint_group) it also keeps the reads' small products, z, aq A1^T,
+  zq and aq act^T (3d_h + b floats per token and head, a quarter of what save_all keeps): the backward
+  recomputes only the input features h = s2 k A2^T and hq = s2 q A2^T, two of the seven products.
 - True: also what the backward would recompute (h, z, gz A1 s1, hq, aq A1^T, zq, aq act^T: 3m + 3d_h + b
   floats per token and head), so it recomputes nothing. For callers that run the forward again before
   the backward anyway (block activation checkpointing): the forward then runs twice per step, not three
@@ -207,17 +210,18 @@ def _forward_step_fixed(a1, act, k, v, last_w, total, full, gamma, beta, rule: R
 
 
 def _anchor_recompute(a1, a2, s1, s2, k, v, gamma, beta, rule: RuleConfig):
-    """The anchor gradients' matmuls for many chunks at once from their anchors: h, z, gz A1 s1."""
+    """The anchor gradients' matmuls for many chunks at once from their anchors: h, z, gz A1 s1, and act = gelu(h)."""
     h = (k * s2) @ _bt(a2)
-    z_raw = F.gelu(h) @ _bt(a1)
+    act = F.gelu(h)
+    z_raw = act @ _bt(a1)
     if not rule.update_input:  # gz A1 s1 feeds only gh, which a fixed input matrix does not use
-        return h, z_raw, None
+        return h, z_raw, None, act
     gz = _inner_error(z_raw, s1, k, v, gamma, beta, rule)[-1]
-    return h, z_raw, (gz * s1) @ a1
+    return h, z_raw, (gz * s1) @ a1, act
 
 
 def _read(q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, gamma, beta, rule: RuleConfig):
-    """The dual-form reads of many chunks at once: y and the products the backward needs (hq, aq A1^T, zq, aq act^T)."""
+    """The dual-form reads of many chunks at once: y and what the backward needs (hq, aq A1^T, zq, aq act^T, aq)."""
     qd = query_decay.unsqueeze(-1)
     if rule.update_input:
         hq = add_matmul((q * (qd * s2)) @ _bt(a2), weights * -s2 * (q @ _bt(k)), gh)
@@ -228,17 +232,20 @@ def _read(q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, gamma, beta, 
     a_q = aq @ _bt(a1)
     zq = add_matmul(a_q * (qd * s1), weights * -s1 * s_aa, gz)
     zq_hat, _ = _layer_norm_stats(zq, rule.ln_eps)
-    return q + gamma * zq_hat + beta, hq, a_q, zq, s_aa
+    return q + gamma * zq_hat + beta, hq, a_q, zq, s_aa, aq
 
 
-def _read_backward(dy, q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, hq, a_q, zq, s_aa, gamma, rule):
+def _read_backward(
+    dy, q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, hq, a_q, zq, s_aa, gamma, rule, aq=None
+):  # fmt: skip
     """The reads' backward for many chunks at once, from dy alone (nothing here waits for the state gradient).
+    aq: gelu(hq) when the caller has it (a recompute of the reads), else computed here.
 
     Returns dq, dk (from q k^T), dA1, dA2 (through the anchors), d gh, d gz, d act (to the anchor
     gradients), ds1, ds2, dD, dQ and the LayerNorm affine's gradients (summed over chunks and rows).
     """
     qd = query_decay.unsqueeze(-1)
-    aq = F.gelu(hq)
+    aq = F.gelu(hq) if aq is None else aq
     zq_hat, std_q = _layer_norm_stats(zq, rule.ln_eps)
     sum_rows = tuple(range(dy.dim() - 3)) + (dy.dim() - 2,)  # every dim but (H, d_h)
     d_gamma = (dy * zq_hat).sum(dim=sum_rows)
@@ -284,9 +291,10 @@ def _read_backward(dy, q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, 
     return dq, dk, da1, da2, d_gh, d_gz, d_act, d_s1, d_s2, d_weights, d_qd, d_gamma, d_beta
 
 
-def _anchor_derived(k, v, s1, s2, h, z_raw, gz_w, gamma, beta, rule: RuleConfig):
-    """Everything of the anchor gradients the per-chunk backward needs, elementwise from h, z and gz A1 s1."""
-    act = F.gelu(h)
+def _anchor_derived(k, v, s1, s2, h, z_raw, gz_w, gamma, beta, rule: RuleConfig, act=None):
+    """Everything of the anchor gradients the per-chunk backward needs, elementwise from h, z and gz A1 s1 (and
+    act = gelu(h) when the caller has it)."""
+    act = F.gelu(h) if act is None else act
     z_hat, std, err, f_err, g, gz = _inner_error(z_raw, s1, k, v, gamma, beta, rule)
     g_zhat = (g * z_hat).mean(dim=-1, keepdim=True)
     err_slope = gamma * _lp_error_derivative(err, rule)
@@ -450,6 +458,11 @@ def _time_major(t: Tensor) -> Tensor:
     return t.movedim(0, 2).flatten(2, 3)
 
 
+def _keeps_products(rule: RuleConfig, save_all: bool) -> bool:
+    """Whether a saving forward without save_all keeps the reads' small products (z, aq A1^T, zq, aq act^T)."""
+    return not save_all and rule.checkpoint_group <= 1 and not rule.update_input
+
+
 def _groups(num_chunks: int, batch: int, rule: RuleConfig, save_all: bool) -> list[tuple[int, int]]:
     """[c0, c1) of each group of chunks: rule.checkpoint_group of them when the states are kept per group."""
     if rule.checkpoint_group > 1 and not save_all:
@@ -534,12 +547,14 @@ def memory_forward(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule: 
             if rule.update_input:
                 states2[c0:c1] = anchor2
                 norms2[c0:c1] = chunk_norms2
-        y, hq, a_q, zq, s_aa = steps.read(
+        y, hq, a_q, zq, s_aa, _ = steps.read(
             qc[c0:c1], kc[c0:c1], weights, query_decay, s1, s2, anchor1, anchor2, act, gz, gh, gamma_b, beta_b, rule
         )
         ys.append(y)
         if save and save_all:
             kept.append((h, z_raw, h.new_empty(0) if gz_w is None else gz_w, hq, a_q, zq, s_aa))
+        elif save and _keeps_products(rule, save_all):
+            kept.append((z_raw, a_q, zq, s_aa))
     if save and not rule.update_input and len(states2):
         states2[0] = a2  # the input matrix every anchor holds
     y = _time_major(torch.cat(ys) if len(ys) > 1 else ys[0])
@@ -587,7 +602,7 @@ def memory_backward(
         decay, weights, query_decay = steps.gates(lc[c0:c1], ec[c0:c1], causal)
         last_w, total = weights[..., -1, :], query_decay[..., -1]
         if two_level:  # this group's anchors again, from its first state
-            _, _, (anchor1, anchor2, chunk_norms1, chunk_norms2, _, _, h, z_raw, gz_w, *_) = _run_chunks(
+            _, _, (anchor1, anchor2, chunk_norms1, chunk_norms2, _, _, h, z_raw, gz_w, act, *_) = _run_chunks(
                 steps, states1[index], a2_fixed if fixed else states2[index], kg, vg, last_w, total, full, gamma_b,
                 beta_b, rule, c0, c1,
             )  # fmt: skip
@@ -596,21 +611,28 @@ def memory_backward(
             chunk_norms1, chunk_norms2 = norms1[c0:c1], None if fixed else norms2[c0:c1]
         lq1, lq2 = _unpack_norms(chunk_norms1), lq2_fixed if fixed else _unpack_norms(chunk_norms2)
         s1, s2 = lq1[0], lq2[0]
+        aq = None
+        recompute_reads = not save_all
         if save_all:
             h, z_raw, gz_w, hq, a_q, zq, s_aa = (t[c0:c1] for t in kept)
-            gz_w = None if fixed else gz_w
+            gz_w, act = None if fixed else gz_w, None
+        elif _keeps_products(rule, save_all):  # only the input features again: A2 is every anchor's
+            z_raw, a_q, zq, s_aa = (t[c0:c1] for t in kept)
+            _, h, act = steps.input_features(kg, a2_fixed, rule)
+            _, hq, aq = steps.input_features(qg, a2_fixed, rule)
+            gz_w, recompute_reads = None, False
         elif not two_level:
-            h, z_raw, gz_w = steps.anchor_recompute(anchor1, anchor2, s1, s2, kg, vg, gamma_b, beta_b, rule)
+            h, z_raw, gz_w, act = steps.anchor_recompute(anchor1, anchor2, s1, s2, kg, vg, gamma_b, beta_b, rule)
         act, gz, gh, gelu2, z_hat, std, g, g_zhat, err_slope, f_err = steps.anchor_derived(
-            kg, vg, s1, s2, h, z_raw, gz_w, gamma_b, beta_b, rule
+            kg, vg, s1, s2, h, z_raw, gz_w, gamma_b, beta_b, rule, act=act
         )
-        if not save_all:
-            _, hq, a_q, zq, s_aa = steps.read(
+        if recompute_reads:
+            _, hq, a_q, zq, s_aa, aq = steps.read(
                 qg, kg, weights, query_decay, s1, s2, anchor1, anchor2, act, gz, gh, gamma_b, beta_b, rule
             )
         dq, dk, da1_read, da2_read, d_gh, d_gz, d_act, d_s1, d_s2, d_weights, d_qd, d_gamma_read, d_beta_read = (
             steps.read_backward(dyc[c0:c1], qg, kg, weights, query_decay, s1, s2, anchor1, anchor2, act, gz, gh,
-                                hq, a_q, zq, s_aa, gamma_b, rule)
+                                hq, a_q, zq, s_aa, gamma_b, rule, aq=aq)
         )  # fmt: skip
         per_chunk = []
         for n in reversed(range(c0, c1)):
@@ -690,11 +712,14 @@ def _rule(
     )  # fmt: skip
 
 
-def _kept_shapes(q: Tensor, a1: Tensor, rule: RuleConfig) -> list[tuple[int, ...]]:
-    """Shapes of what save_all keeps: h, z, gz A1 s1, hq, aq A1^T, zq, aq act^T (chunk-major)."""
+def _kept_shapes(q: Tensor, a1: Tensor, rule: RuleConfig, save_all: bool) -> list[tuple[int, ...]]:
+    """Shapes of what save_all keeps: h, z, gz A1 s1, hq, aq A1^T, zq, aq act^T (chunk-major); without it, z,
+    aq A1^T, zq and aq act^T where _keeps_products, else nothing."""
     batch, heads, length, head_dim = q.shape
     b, width = rule.chunk_size, a1.shape[-1]
     lead = (length // b, batch, heads, b)
+    if not save_all:
+        return [lead + (n,) for n in (head_dim, head_dim, head_dim, b)] if _keeps_products(rule, save_all) else []
     shapes = [lead + (n,) for n in (width, head_dim, width, width, head_dim, head_dim, b)]
     if not rule.update_input:  # gz A1 s1 feeds only gh, which a fixed input matrix does not have
         shapes[2] = (0,)
@@ -718,7 +743,7 @@ def _(q, k, v, eta, log_alpha, a1, a2, gamma, beta, lengths, rule, save, save_al
     groups = _groups(num_chunks, q.shape[0], rule_config, save_all)
     two_level = rule_config.checkpoint_group > 1 and not save_all
     slots = 0 if not save else len(groups) if two_level else num_chunks
-    kept = [q.new_empty(shape) for shape in _kept_shapes(q, a1, rule_config)] if save and save_all else []
+    kept = [q.new_empty(shape) for shape in _kept_shapes(q, a1, rule_config, save_all)] if save else []
     states = (a1.new_empty(slots, *a1.shape), a2.new_empty(_input_slots(slots, rule_config), *a2.shape))
     norm_slots = 0 if two_level else slots
     norms = (a1.new_empty(norm_slots, *a1.shape[:2], 1, 4),

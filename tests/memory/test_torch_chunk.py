@@ -118,11 +118,13 @@ def test_handwritten_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(fn, leaves)
 
 
+@pytest.mark.parametrize("update_input", [True, False])
 @pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("group", [0, 2])
-def test_the_memory_forward_runs_twice_per_step(keep, group, monkeypatch):
+def test_the_memory_forward_runs_twice_per_step(update_input, keep, group, monkeypatch):
     """Counted per chunk: reads computed (forward, and the backward's recompute unless kept) and the per-chunk
-    forward step. Block checkpointing runs the op's forward itself twice; here keep=True stands for it."""
+    forward step. Block checkpointing runs the op's forward itself twice; here keep=True stands for it. With a
+    fixed input matrix the forward keeps the reads' small products, so the backward recomputes no read."""
     calls = {"read": 0, "step": 0}
 
     def counting(name, fn):
@@ -132,10 +134,11 @@ def test_the_memory_forward_runs_twice_per_step(keep, group, monkeypatch):
 
         return wrapped
 
+    step = "_forward_step" if update_input else "_forward_step_fixed"
     monkeypatch.setattr(torch_chunk, "_read", counting("read", torch_chunk._read))
-    monkeypatch.setattr(torch_chunk, "_forward_step", counting("step", torch_chunk._forward_step))
+    monkeypatch.setattr(torch_chunk, step, counting("step", getattr(torch_chunk, step)))
     torch_chunk._steps.cache_clear()  # the step functions are bound when the (cached) _Steps is built
-    rule = RuleConfig(chunk_size=4, checkpoint_group=group)
+    rule = RuleConfig(chunk_size=4, checkpoint_group=group, update_input=update_input)
     x = memory_inputs(length=24, head_dim=4, width=16)
     leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
     per_token = {n: leaves[n] for n in ("q", "k", "v", "eta", "log_alpha")}
@@ -146,6 +149,7 @@ def test_the_memory_forward_runs_twice_per_step(keep, group, monkeypatch):
     (y.sum() + state.a1.sum()).backward()
     torch_chunk._steps.cache_clear()
     chunks = 24 // 4
-    assert calls["read"] == 2 * chunks
+    kept_products = not update_input and not keep and group <= 1
+    assert calls["read"] == (chunks if kept_products else 2 * chunks)
     # Two-level recompute re-runs the per-chunk part of the forward, not the reads; kept: never.
     assert calls["step"] == (2 * chunks if keep or group > 1 else chunks)
