@@ -64,6 +64,25 @@ def held_out_windows(seq_len: int, eval_documents: int, tokenizer, limit: int) -
     return torch.tensor(windows)
 
 
+def memory_gates(model) -> list[dict] | None:
+    """Per layer, each head's read gain and the eta and alpha its gate gives at bias (a zero input): where the
+    outer loop took the memory. None for a model without per-head gates (the Llama, channel-wise gates)."""
+    layers = []
+    for layer in getattr(getattr(model, "model", None), "layers", []):
+        mixer = getattr(layer, "mixer", None)
+        if mixer is None or mixer.channelwise:
+            return None
+        heads = mixer.num_heads
+        bias = mixer.eta_alpha_proj.bias.detach().double()
+        gain = mixer.memory_read_gain
+        layers.append({
+            "read_gain": None if gain is None else [round(float(g), 4) for g in gain],
+            "eta": [round(float(e), 4) for e in mixer.eta_max * torch.sigmoid(bias[:heads])],
+            "one_minus_alpha": [float(f"{float(f):.3g}") for f in torch.sigmoid(-bias[heads:])],
+        })  # fmt: skip
+    return layers or None
+
+
 def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
     config = miras.MonetaConfig(**{**MODEL, **parse_overrides(args.model_overrides)})
     llama_config, moneta_params, llama_params = matched_llama(config, args.seq_len)
@@ -118,11 +137,14 @@ def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
             "by_position_bpb": {k: v / LN2 for k, v in positions.by_bucket().items()},
             "max_grad_norm": max(run.grad_norms) if run.grad_norms else None,
             "limited_context": args.limited_context,
+            "memory_gates": memory_gates(run.model) if name == "moneta" else None,
             "diverged_at": run.diverged_at,
             "train_curve": curves[name],
         }
         buckets = "  ".join(f"{k}: {v:.3f}" for k, v in result[name]["by_position_bpb"].items())
         print(f"seed {seed} {name:16s} held-out {result[name]['held_out_bpb']:.3f} bpb   {buckets}")
+        for index, gates in enumerate(result[name]["memory_gates"] or []):
+            print(f"seed {seed} {name:16s} layer {index} gates at bias: {gates}")
         if args.limited_context:
             limited = evaluate_positions_limited(run.model, windows, args.eval_batch_size, args.limited_context)
             result[name]["by_position_bpb_limited"] = {k: v / LN2 for k, v in limited.by_bucket().items()}
