@@ -15,8 +15,8 @@ Evaluation: the first `--eval-documents` documents of the corpus are held out; e
 of at least seq-len bytes gives its first window (position 0 = the start of the file). The loss is
 reported by position bucket (0-64, 64-512, 512-2048, 2048-4096) in bits per byte. The memory pays
 where `moneta` is below `moneta-read-off` at positions >= 512 by more than the seed spread.
-With `--limited-context N` (512 by default, 0: off) each model is evaluated once more with every
-prediction seeing only its last N to 2N tokens (miras.evaluation.evaluate_positions_limited): the rise
+With `--limited-context N [N ...]` (64 and 512 by default; none: off) each model is evaluated once more
+per N with every prediction seeing only its last N to 2N tokens (miras.evaluation.evaluate_positions_limited): the rise
 of a model's late-position loss under that cut is what it draws from further back (for MONETA: what its
 state carries across the window; the read-off twin and its conv see a few tokens and lose nothing).
 
@@ -137,6 +137,7 @@ def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
             "by_position_bpb": {k: v / LN2 for k, v in positions.by_bucket().items()},
             "max_grad_norm": max(run.grad_norms) if run.grad_norms else None,
             "limited_context": args.limited_context,
+            "by_position_bpb_limited": {},
             "memory_gates": memory_gates(run.model) if name == "moneta" else None,
             "diverged_at": run.diverged_at,
             "train_curve": curves[name],
@@ -145,14 +146,12 @@ def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
         print(f"seed {seed} {name:16s} held-out {result[name]['held_out_bpb']:.3f} bpb   {buckets}")
         for index, gates in enumerate(result[name]["memory_gates"] or []):
             print(f"seed {seed} {name:16s} layer {index} gates at bias: {gates}")
-        if args.limited_context:
-            limited = evaluate_positions_limited(run.model, windows, args.eval_batch_size, args.limited_context)
-            result[name]["by_position_bpb_limited"] = {k: v / LN2 for k, v in limited.by_bucket().items()}
-            rise = "  ".join(
-                f"{k}: {v - result[name]['by_position_bpb'][k]:+.3f}"
-                for k, v in result[name]["by_position_bpb_limited"].items()
-            )
-            print(f"seed {seed} {name:16s} context cut to {args.limited_context}-{2 * args.limited_context}: {rise}")
+        for context in args.limited_context:
+            limited = evaluate_positions_limited(run.model, windows, args.eval_batch_size, context)
+            by_position = {k: v / LN2 for k, v in limited.by_bucket().items()}
+            result[name]["by_position_bpb_limited"][context] = by_position
+            rise = "  ".join(f"{k}: {v - result[name]['by_position_bpb'][k]:+.3f}" for k, v in by_position.items())
+            print(f"seed {seed} {name:16s} context cut to {context}-{2 * context}: {rise}")
     sys.stdout.flush()
     ablations.close()
     return result
@@ -175,7 +174,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--eval-batch-size", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument(
-        "--limited-context", type=int, default=512, help="also evaluate, each context cut to N-2N (0: off)"
+        "--limited-context", type=int, nargs="*", default=[64, 512], help="also evaluate, each context cut to N-2N"
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument(
@@ -186,7 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.steps, args.seq_len, args.seeds, args.eval_windows, args.log_every, args.warmup = 3, 256, [0], 2, 1, 1
-        args.limited_context = min(args.limited_context, 64)
+        args.limited_context = [c for c in args.limited_context if c < args.seq_len // 2]
     return args
 
 
