@@ -81,12 +81,21 @@ def _lq_forward(acc: Tensor, rule: RuleConfig):
     if rule.q == 2:
         one = torch.ones_like(acc[..., :1, :1])
         return one, one, one, one
-    peak = acc.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(acc.dtype).tiny)
+    low, high = torch.aminmax(acc.flatten(-2), dim=-1, keepdim=True)  # |A|'s peak in one pass, not abs then amax
+    peak = torch.maximum(-low, high).unsqueeze(-1).clamp_min(torch.finfo(acc.dtype).tiny)
     peak = torch.exp2(torch.floor(torch.log2(peak)))
-    scaled = acc / peak
-    scaled_norm = abs_pow(scaled, rule.q).sum(dim=(-2, -1), keepdim=True).clamp_min(1.0).pow(1.0 / rule.q)
+    scaled = acc * peak.reciprocal()  # exact: peak is a power of two
+    if rule.q == 4:  # ||a||_4^4 = <a^2, a^2>: one product over the squares, which ||a||_2 sums too
+        square = scaled * scaled
+        flat = square.flatten(-2)
+        power_sum = flat.unsqueeze(-2) @ flat.unsqueeze(-1)
+        square_sum = flat.sum(dim=-1, keepdim=True).unsqueeze(-1)
+    else:
+        power_sum = abs_pow(scaled, rule.q).sum(dim=(-2, -1), keepdim=True)
+        square_sum = (scaled * scaled).sum(dim=(-2, -1), keepdim=True)
+    scaled_norm = power_sum.clamp_min(1.0).pow(1.0 / rule.q)
     if rule.lq_norm == "scale_free":
-        scaled_l2 = (scaled * scaled).sum(dim=(-2, -1), keepdim=True).clamp_min(1.0).sqrt()
+        scaled_l2 = square_sum.clamp_min(1.0).sqrt()
         return (scaled_l2 / scaled_norm).pow(rule.q - 2.0), peak, scaled_norm, scaled_l2
     scale = (peak * scaled_norm).clamp_min(rule.lq_floor).pow(-(rule.q - 2.0))
     return scale, peak, scaled_norm, torch.ones_like(scale)
@@ -100,14 +109,19 @@ def _lq_backward(
     "inverse": ds/dN = -(q-2) s / N above the floor, 0 below; dN/dA = sign(A)|A|^(q-1) / N^(q-1).
     "scale_free": s = (n_2 / n_q)^(q-2), ds/dA = (q-2) s / peak * (a / n_2^2 - sign(a)|a|^(q-1) / n_q^q).
     """
-    scaled = acc / peak
-    direction = scaled * scaled.abs() if rule.q == 3 else scaled * abs_pow(scaled, rule.q - 2.0)
+    scaled = acc * peak.reciprocal()  # exact: peak is a power of two
     if rule.lq_norm == "scale_free":
         factor = d_scale * (rule.q - 2.0) * scale / peak
-        return factor * (scaled / scaled_l2.pow(2) - direction / scaled_norm.pow(rule.q))
-    norm = peak * scaled_norm
-    d_norm = d_scale * (-(rule.q - 2.0)) * scale / norm.clamp_min(rule.lq_floor) * (norm >= rule.lq_floor)
-    return (d_norm / scaled_norm.pow(rule.q - 1.0)) * direction
+        linear, cubic = factor / scaled_l2.pow(2), -factor / scaled_norm.pow(rule.q)
+    else:
+        norm = peak * scaled_norm
+        d_norm = d_scale * (-(rule.q - 2.0)) * scale / norm.clamp_min(rule.lq_floor) * (norm >= rule.lq_floor)
+        linear, cubic = None, d_norm / scaled_norm.pow(rule.q - 1.0)
+    if rule.q == 4:  # a (linear + cubic a^2): four passes over A, where the general form below takes seven
+        square = scaled * scaled
+        return scaled * (square * cubic if linear is None else torch.addcmul(linear, square, cubic))
+    direction = scaled * scaled.abs() if rule.q == 3 else scaled * abs_pow(scaled, rule.q - 2.0)
+    return direction * cubic if linear is None else scaled * linear + direction * cubic
 
 
 def _layer_norm_stats(z: Tensor, eps: float):
