@@ -68,6 +68,35 @@ def _bt(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
 
 
+def _chunks_matmul(x: Tensor, w: Tensor) -> Tensor:
+    """x (G, ..., r, c) @ w for a group's chunks, w either one matrix per chunk (G, ..., c, n) or one shared by all
+    (..., c, n): a fixed input matrix.
+
+    A shared w is multiplied chunk by chunk into slices of the output: matmul would broadcast it into a G-fold
+    copy first (8 MiB per product at batch 4, a group of 8 chunks and 4 heads of width 256), which took as long as
+    the product itself. Compiled, the plain product: the compiler plans its own loops.
+    """
+    if w.dim() == x.dim() or torch.compiler.is_compiling():
+        return x @ w
+    out = x.new_empty(*x.shape[:-1], w.shape[-1])
+    w3 = w.expand(*x.shape[1:-2], *w.shape[-2:]).reshape(-1, *w.shape[-2:])  # one copy if w was broadcast
+    for i in range(x.shape[0]):
+        torch.bmm(x[i].reshape(-1, *x.shape[-2:]), w3, out=out[i].view(-1, *out.shape[-2:]))
+    return out
+
+
+def _add_chunk_sum(acc: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """acc + sum over a group's chunks g of x[g]^T @ y[g], for x (G, ..., r, m) and y (G, ..., r, d): A shared
+    matrix's gradient, accumulated one product per chunk instead of G products and their sum. acc must be a
+    temporary of the caller's (it is added to in place outside torch.compile)."""
+    if torch.compiler.is_compiling():
+        return acc + (_bt(x) @ y).sum(0)
+    acc3 = acc.view(-1, *acc.shape[-2:])
+    for i in range(x.shape[0]):
+        acc3.baddbmm_(_bt(x[i].reshape(-1, *x.shape[-2:])), y[i].reshape(-1, *y.shape[-2:]))
+    return acc
+
+
 # ----------------------------------------------------------------------------------------------
 # Pieces, on tensors with any leading batch dimensions (one chunk: (B, H, ...); a group: (G, B, H, ...))
 
@@ -206,7 +235,7 @@ def _input_features(k, a2, rule: RuleConfig):
     """A fixed input matrix (not rule.update_input): every anchor holds the same A2, so s2, h = s2 k A2^T and
     act = gelu(h) of many chunks come from one batched product instead of one per chunk in the sequential part."""
     s2 = _lq_forward(a2, rule)[0]
-    h = (k * s2) @ _bt(a2)
+    h = _chunks_matmul(k * s2, _bt(a2))
     return s2, h, F.gelu(h)
 
 
@@ -225,7 +254,7 @@ def _forward_step_fixed(a1, act, k, v, last_w, total, full, gamma, beta, rule: R
 
 def _anchor_recompute(a1, a2, s1, s2, k, v, gamma, beta, rule: RuleConfig):
     """The anchor gradients' matmuls for many chunks at once from their anchors: h, z, gz A1 s1, and act = gelu(h)."""
-    h = (k * s2) @ _bt(a2)
+    h = _chunks_matmul(k * s2, _bt(a2))
     act = F.gelu(h)
     z_raw = act @ _bt(a1)
     if not rule.update_input:  # gz A1 s1 feeds only gh, which a fixed input matrix does not use
@@ -240,7 +269,7 @@ def _read(q, k, weights, query_decay, s1, s2, a1, a2, act, gz, gh, gamma, beta, 
     if rule.update_input:
         hq = add_matmul((q * (qd * s2)) @ _bt(a2), weights * -s2 * (q @ _bt(k)), gh)
     else:  # the input matrix neither decays nor takes writes
-        hq = (q * s2) @ _bt(a2)
+        hq = _chunks_matmul(q * s2, _bt(a2))
     aq = F.gelu(hq)
     s_aa = aq @ _bt(act)
     a_q = aq @ _bt(a1)
@@ -255,8 +284,9 @@ def _read_backward(
     """The reads' backward for many chunks at once, from dy alone (nothing here waits for the state gradient).
     aq: gelu(hq) when the caller has it (a recompute of the reads), else computed here.
 
-    Returns dq, dk (from q k^T), dA1, dA2 (through the anchors), d gh, d gz, d act (to the anchor
-    gradients), ds1, ds2, dD, dQ and the LayerNorm affine's gradients (summed over chunks and rows).
+    Returns dq, dk (from q k^T), dA1, dA2 (through the anchors; with a fixed input matrix d hq instead, from which
+    the caller sums A2's gradient over the chunks it counts), d gh, d gz, d act (to the anchor gradients), ds1, ds2,
+    dD, dQ and the LayerNorm affine's gradients (summed over chunks and rows).
     """
     qd = query_decay.unsqueeze(-1)
     aq = F.gelu(hq) if aq is None else aq
@@ -281,13 +311,12 @@ def _read_backward(
     da1 = _bt(d_aq_out) @ aq
     d_act = _bt(d_saa) @ aq
     d_hq = torch.ops.aten.gelu_backward(d_aq, hq)
-    d_qs = d_hq @ a2
+    d_qs = _chunks_matmul(d_hq, a2)
     row = (d_qs * q).sum(-1)
-    if not rule.update_input:  # hq = (q s2) A2^T
-        da2 = _bt(d_hq) @ (q * s2)
+    if not rule.update_input:  # hq = (q s2) A2^T; A2's gradient d_hq^T (q s2) is summed over chunks by the caller
         d_s2 = row.sum(-1)[..., None, None]
         dq = dy + d_qs * s2
-        return dq, torch.zeros_like(k), da1, da2, None, d_gz, d_act, d_s1, d_s2, d_weights, d_qd, \
+        return dq, torch.zeros_like(k), da1, d_hq, None, d_gz, d_act, d_s1, d_s2, d_weights, d_qd, \
             d_gamma, d_beta  # fmt: skip
     # hq = (q Q s2) A2^T + (D * -s2 * S) gh
     scores = q @ _bt(k)
@@ -609,7 +638,9 @@ def memory_backward(
         a2_fixed = states2[0]
         lq2_fixed = steps.lq_forward(a2_fixed, rule)
         first_cut = every // b if every else num_chunks
-        da2_sum = da2 if first_cut >= num_chunks else torch.zeros_like(da2)
+        da2_sum = da2.clone(memory_format=torch.contiguous_format) if first_cut >= num_chunks else torch.zeros_like(
+            da2, memory_format=torch.contiguous_format
+        )
         d_s2_sum = torch.zeros_like(lq2_fixed[0])
     for index, (c0, c1) in reversed(list(enumerate(groups))):
         qg, kg, vg = qc[c0:c1], kc[c0:c1], vc[c0:c1]
@@ -673,11 +704,12 @@ def memory_backward(
         if fixed:  # through h = s2 k A2^T, every chunk of the group at once
             d_act_full, d_err, d_g, d_last_w, d_total = (torch.stack(field[::-1]) for field in zip(*per_chunk))
             d_h = torch.ops.aten.gelu_backward(d_act_full, h)
-            d_ks = d_h @ a2_fixed
+            d_ks = _chunks_matmul(d_h, a2_fixed)
             dk_state = d_err + d_ks * s2
             counted = max(0, min(first_cut, c1) - c0)
-            if counted:
-                da2_sum = da2_sum + (_bt(d_h[:counted]) @ (kg[:counted] * s2) + da2_read[:counted]).sum(0)
+            if counted:  # h = s2 k A2^T and hq = s2 q A2^T (da2_read: d hq, see _read_backward)
+                da2_sum = _add_chunk_sum(da2_sum, d_h[:counted], kg[:counted] * s2)
+                da2_sum = _add_chunk_sum(da2_sum, da2_read[:counted], qg[:counted] * s2)
                 d_s2_sum = d_s2_sum + ((d_ks[:counted] * kg[:counted]).sum(dim=(-2, -1), keepdim=True)
                                        + d_s2[:counted]).sum(0)  # fmt: skip
         else:
