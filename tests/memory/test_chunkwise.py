@@ -274,9 +274,11 @@ def test_inner_loop_runs_in_fp32_under_bf16_autocast():
     assert torch.isfinite(y).all()
 
 
-def test_compiled_memory_equals_token_loop():
-    """impl="compiled": the torch path's steps through torch.compile, float64, against the token-by-token loop."""
-    rule = RuleConfig(chunk_size=8)
+@pytest.mark.parametrize("update_input", [True, False])
+def test_compiled_memory_equals_token_loop(update_input):
+    """impl="compiled": the torch path's steps through torch.compile, float64, against the token-by-token loop;
+    with a fixed input matrix too (its products with the shared A2 take another form outside a compile)."""
+    rule = RuleConfig(chunk_size=8, update_input=update_input, lq_norm="inverse" if update_input else "scale_free")
     x = memory_inputs(length=19)  # two full chunks and an open one
     (y, final, running, grads), (y_ref, anchor_ref, run_ref, grads_ref) = run_both(x, rule, False, impl="compiled")
     assert "chunk_memory" in type(final.a1.grad_fn).__name__
