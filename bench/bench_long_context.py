@@ -119,7 +119,10 @@ def train_seed(args, seed: int, windows: torch.Tensor) -> dict:
             parts = []
             for name, run in runs.items():
                 recent = run.step_bpb[-args.log_every :]
-                curves[name].append({"step": step, "train_bpb": statistics.fmean(recent) if recent else None})
+                # the window's largest gradient norm too: when a memory's gradient explodes, not only how far
+                norms = run.grad_norms[-args.log_every :]
+                curves[name].append({"step": step, "train_bpb": statistics.fmean(recent) if recent else None,
+                                     "max_grad_norm": max(norms) if norms else None})  # fmt: skip
                 parts.append(f"{name} {curves[name][-1]['train_bpb']:.3f}")
             print(
                 f"seed {seed} step {step:5d}  train bpb  "
