@@ -5,7 +5,8 @@ Choices the paper leaves open, decided once here (docs/model.md, "Model choices"
   exact GELU, residual + LayerNorm with per-head affine parameters learned by the outer loop;
 - the memory's form (bench/RESULTS.md, "Memory defaults": the default form learns the passkey and binds recall,
   the paper's form binds recall only; on 4K-byte documents the default form draws on ~100 tokens after 450
-  training steps and on up to ~1K after 1500, "Long documents"):
+  training steps, on up to ~1K after 1500, and lowers the loss at 512-4096 by 0.06-0.08 bits per byte after 3000,
+  "Long documents"):
   - the inner loop writes only the memory's output matrix (`memory_update_input` False): the input matrix
     W2 = s(A2_0) A2_0 is a feature map of the keys learned by the outer loop. The paper writes both (True), and
     then each write to W2 changes the features through which every earlier write to W1 is read, an
@@ -18,6 +19,13 @@ Choices the paper leaves open, decided once here (docs/model.md, "Model choices"
   - retention alpha from 0.9999 (`alpha_init`, a horizon of ~10K tokens): with the scale-free normaliser a
     memory that decays faster shrinks, and the gradient through its recurrence grows as 1 / ||A||^2 (norms of
     1e5-1e8 at 4096 tokens at alpha 0.99, 3-4 at 0.9999); the paper's form keeps 0.99;
+- truncated BPTT every 1024 tokens (`detach_state_every`, a multiple of the chunk; 0 = full backprop, the paper's):
+  the forward is unchanged, the gradient crosses at most 1024 tokens of the chunk recurrence. On 4K-byte windows
+  the outer loop teaches some heads token-dependent forgetting (retention 0.7-0.9 per chunk while alpha's bias
+  stays at 0.9999), their accumulators decay between large writes, and the gradient grows 2-10x crossing each
+  chunk where the accumulator is small: norms of 1e3 by step ~750, 1e6 by step 3000, and a run that falls behind
+  its memory-off twin. Cut at 1024 tokens the same spike's gradient norm is 1.7 (3,443 uncut), and over 3000
+  steps both seeds' memories pay (bench/RESULTS.md, "Long documents");
 - gates: eta_t = eta_max * sigmoid(.), alpha_t = sigmoid(.) kept in log space; per-head scalars by
   default, channel-wise over d_h through a rank-`gate_rank` projection with `channelwise_gates`;
   biases start alpha at `alpha_init` and eta log-spaced over the heads around `eta_init`;
@@ -67,6 +75,10 @@ MODEL_SIZES: dict[str, tuple[int, int, int, int]] = {
     "xl": (2048, 24, 16, 5376),
 }
 
+
+# Truncated BPTT's default span (MonetaConfig.detach_state_every): the gradient through longer stretches of the
+# memory's recurrence explodes once training has taught some heads to forget fast (bench/RESULTS.md, "Long documents").
+DETACH_STATE_TOKENS = 1024
 
 # Fields added after checkpoints were first saved, with the value that gives the earlier model. A
 # saved config.json carries every field it knew (transformers writes them all), so an older file
@@ -130,7 +142,7 @@ class MonetaConfig(PreTrainedConfig):
         memory_ln_eps: float = 1e-5,
         value_norm: bool = True,
         value_norm_eps: float = 1e-6,
-        detach_state_every: int = 0,
+        detach_state_every: int | None = None,
         memory_checkpoint_group: int = 0,
         memory_impl: str = "auto",
         norm_eps: float = 1e-6,
@@ -205,7 +217,13 @@ class MonetaConfig(PreTrainedConfig):
         # overwrites the memory. Normalised, the write strength is eta's alone (bench/RESULTS.md, recall).
         self.value_norm = value_norm
         self.value_norm_eps = value_norm_eps
-        self.detach_state_every = detach_state_every
+        # Truncated BPTT through the memory's chunk recurrence, in tokens (0 = never). None, the default: every
+        # DETACH_STATE_TOKENS tokens, rounded down to a multiple of chunk_size (the module docstring says why).
+        self.detach_state_every = (
+            max(1, DETACH_STATE_TOKENS // chunk_size) * chunk_size
+            if detach_state_every is None and isinstance(chunk_size, int) and chunk_size > 0
+            else detach_state_every
+        )
         # Chunks per outer checkpoint in the memory's backward (0 = one level: every chunk-boundary
         # state is kept). G > 1 keeps T / (chunk_size * G) + G states instead of T / chunk_size, for
         # one more forward of the memory: a memory/speed trade for long sequences (bench/RESULTS.md).

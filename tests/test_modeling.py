@@ -116,6 +116,21 @@ def test_detach_state_every_changes_gradients_only():
     assert results[1][1] == 0  # tokens 0..7 reach loss at 32+ only through the memory state, cut at 16
 
 
+def test_truncated_bptt_is_on_by_default_and_saved_configs_keep_theirs(tmp_path):
+    """A new model cuts the memory's gradient every 1024 tokens (a multiple of its chunk); a config saved with
+    full backprop (moneta_v1_tiny's 0, or any explicit value) keeps it, through save and load."""
+    import json
+    from pathlib import Path
+
+    assert MonetaConfig().detach_state_every == 1024
+    assert MonetaConfig(chunk_size=48).detach_state_every == 1008  # rounded down to whole chunks
+    assert MonetaConfig(chunk_size=16, detach_state_every=0).detach_state_every == 0
+    saved = json.loads((Path(__file__).parent / "data" / "moneta_v1_tiny" / "config.json").read_text())
+    assert saved["detach_state_every"] == 0 and MonetaConfig.from_dict(saved).detach_state_every == 0
+    tiny_model().config.save_pretrained(tmp_path)
+    assert MonetaConfig.from_pretrained(tmp_path).detach_state_every == 1024
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     ids = random_ids(2, 20)
     grads = []
