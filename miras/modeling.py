@@ -273,8 +273,11 @@ class MonetaMixer(nn.Module):
 
     def _memory_inputs(self, x: torch.Tensor, mask: torch.Tensor | None, conv_state: torch.Tensor | None):
         """x (B, T, d) -> projection, conv, SiLU -> the memory's q, k (unit length), v (B, H, T, d_h) in fp32."""
-        batch, length, _ = x.shape
-        qkv = self.qkv_proj(x)
+        return self._conv_heads(self.qkv_proj(x), mask, conv_state)
+
+    def _conv_heads(self, qkv: torch.Tensor, mask: torch.Tensor | None, conv_state: torch.Tensor | None):
+        """The q/k/v projection (B, T, 3d) -> conv, SiLU -> q, k (unit length), v (B, H, T, d_h) in fp32."""
+        batch, length, _ = qkv.shape
         if mask is not None:
             qkv = qkv * mask[..., None].to(qkv.dtype)  # padding enters neither the conv nor the memory
         qkv, new_conv_state = self._causal_conv(qkv, conv_state)
@@ -322,14 +325,15 @@ class MonetaMixer(nn.Module):
         """checkpointed: the block runs this forward again before its backward (activation checkpointing)."""
         batch, length, _ = x.shape
         conv_state = cache.conv_states[self.layer_idx] if cache is not None else None
-        # The stretches before and after the memory (projections, conv, SiLU, norms, gains, gate) are recomputed in
-        # the backward from the block's normed input x, which the gates keep anyway, instead of keeping every
-        # intermediate: at 8K tokens ~100 MiB per layer (the projection, the conv's padded input, SiLU in and out,
-        # the norms' inputs, the gate with its SiLU in and out) for the q/k/v and gate projections and some
-        # elementwise work done twice. Under block checkpointing the whole block is recomputed anyway.
+        # The stretches before and after the memory (conv, SiLU, norms, gains, gate) are recomputed in the backward
+        # instead of keeping every intermediate: at 8K tokens ~80 MiB per layer (the conv's padded input, SiLU in
+        # and out, the norms' inputs, the gate with its SiLU in and out) for the gate projection and some
+        # elementwise work done twice. The q/k/v projection's output (24 MiB per layer at 8K) is kept: its product
+        # is the largest of the recompute. Under block checkpointing the whole block is recomputed anyway.
         recompute = torch.is_grad_enabled() and not checkpointed
         if recompute:
-            q, k, v, new_conv_state = checkpoint(self._memory_inputs, x, mask, conv_state, use_reentrant=False)
+            qkv = self.qkv_proj(x)
+            q, k, v, new_conv_state = checkpoint(self._conv_heads, qkv, mask, conv_state, use_reentrant=False)
         else:
             q, k, v, new_conv_state = self._memory_inputs(x, mask, conv_state)
         eta, log_alpha = self._gates(x)
