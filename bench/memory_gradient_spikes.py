@@ -15,8 +15,9 @@ cosine over `--steps`, clip 1.0) until the first step whose gradient norm before
 
 `--save PATH` keeps the spike step's weights and window; `--load PATH` reports on a saved one without training.
 
-Examples:
-  python bench/memory_gradient_spikes.py --steps 3000 --seed 1 --threshold 200 --save bench/out/spike_s1.pt
+Examples (full backprop: the model's default truncation at 1024 tokens keeps these norms below 50):
+  python bench/memory_gradient_spikes.py --steps 3000 --seed 1 --threshold 200 --save bench/out/spike_s1.pt \
+      --model-overrides detach_state_every=0
   python bench/memory_gradient_spikes.py --load bench/out/spike_s1.pt
 """
 
