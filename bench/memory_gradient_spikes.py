@@ -35,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_lm_quality import Run, next_token_loss, parse_overrides  # noqa: E402
+from bench_long_context import MODEL  # noqa: E402
 
 import miras  # noqa: E402
 from miras.data import DataConfig, open_stream  # noqa: E402
@@ -45,7 +46,6 @@ from miras.memory.rule import gelu, layer_norm, lq_scale  # noqa: E402
 from miras.memory.state import MemoryState  # noqa: E402
 from miras.tokenizer import byte_tokenizer  # noqa: E402
 
-MODEL = dict(vocab_size=257, hidden_size=128, num_hidden_layers=4, num_heads=4, intermediate_size=344)
 BUCKETS = ((0, 64), (64, 512), (512, 2048), (2048, 4096))
 
 
