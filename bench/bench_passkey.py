@@ -107,7 +107,7 @@ def train(model, args, log) -> list[dict]:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(args.seed + 1)
-    curve, recent, started = [], [], time.perf_counter()
+    curve, recent, norms, started = [], [], [], time.perf_counter()
     model.train()
     for step in range(1, args.steps + 1):
         length = int(torch.randint(args.min_train_len, args.max_train_len + 1, (), generator=generator))
@@ -118,18 +118,20 @@ def train(model, args, log) -> list[dict]:
         lm_loss = next_token_losses(logits, ids).mean()  # every byte; logged even when not trained on
         optimizer.zero_grad(set_to_none=True)
         (loss + args.lm_weight * lm_loss).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)))
         optimizer.step()
         schedule.step()
         recent.append(digit_accuracy(logits.detach(), labels)[0])
         if step % args.log_every == 0 or step == args.steps:
             share = sum(recent) / len(recent)
-            recent = []
-            curve.append({"step": step, "loss": loss.item(), "lm_loss": lm_loss.item(), "retrieved": share})
+            # the window's largest gradient norm before clipping: whether a run that sits on a plateau is clipped
+            curve.append({"step": step, "loss": loss.item(), "lm_loss": lm_loss.item(), "retrieved": share,
+                          "max_grad_norm": max(norms)})  # fmt: skip
             log(
                 f"step {step:5d}  loss {loss.item():.3f}  every byte {lm_loss.item():.3f}  retrieved {share:.3f}  "
-                f"({time.perf_counter() - started:.0f} s)"
+                f"largest gradient norm {max(norms):.3g}  ({time.perf_counter() - started:.0f} s)"
             )
+            recent, norms = [], []
     return curve
 
 
