@@ -88,12 +88,14 @@ def passkey_batch(batch_size: int, length: int, generator: torch.Generator, dept
     return ids, labels
 
 
-def digit_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(share of samples with all five digits right, share of digits right)."""
+def digit_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float, list[float]]:
+    """(share of samples with all five digits right, share of digits right, share right at each of the five)."""
     predicted, target = logits[:, :-1].argmax(-1), labels[:, 1:]
     answered = target != -100
     right = (predicted == target) | ~answered
-    return float(right.all(dim=1).float().mean()), float((predicted == target)[answered].float().mean())
+    # The answer is the last five labels of every row (passkey_batch): which of its digits a plateau has learned.
+    by_digit = (predicted == target)[:, -5:].float().mean(dim=0).tolist()
+    return float(right.all(dim=1).float().mean()), float((predicted == target)[answered].float().mean()), by_digit
 
 
 def train(model, args, log) -> list[dict]:
@@ -107,7 +109,7 @@ def train(model, args, log) -> list[dict]:
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     generator = torch.Generator().manual_seed(args.seed + 1)
-    curve, recent, norms, started = [], [], [], time.perf_counter()
+    curve, recent, norms, digit_sums, started = [], [], [], [0.0] * 5, time.perf_counter()
     model.train()
     for step in range(1, args.steps + 1):
         length = int(torch.randint(args.min_train_len, args.max_train_len + 1, (), generator=generator))
@@ -121,17 +123,21 @@ def train(model, args, log) -> list[dict]:
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)))
         optimizer.step()
         schedule.step()
-        recent.append(digit_accuracy(logits.detach(), labels)[0])
+        whole, _, by_digit = digit_accuracy(logits.detach(), labels)
+        recent.append(whole)
+        digit_sums = [a + b for a, b in zip(digit_sums, by_digit)]
         if step % args.log_every == 0 or step == args.steps:
             share = sum(recent) / len(recent)
+            by_digit = [round(total / len(recent), 3) for total in digit_sums]
             # the window's largest gradient norm before clipping: whether a run that sits on a plateau is clipped
             curve.append({"step": step, "loss": loss.item(), "lm_loss": lm_loss.item(), "retrieved": share,
-                          "max_grad_norm": max(norms)})  # fmt: skip
+                          "by_digit": by_digit, "max_grad_norm": max(norms)})  # fmt: skip
             log(
                 f"step {step:5d}  loss {loss.item():.3f}  every byte {lm_loss.item():.3f}  retrieved {share:.3f}  "
+                f"digits {' '.join(f'{x:.2f}' for x in by_digit)}  "
                 f"largest gradient norm {max(norms):.3g}  ({time.perf_counter() - started:.0f} s)"
             )
-            recent, norms = [], []
+            recent, norms, digit_sums = [], [], [0.0] * 5
     return curve
 
 
@@ -140,15 +146,17 @@ def evaluate(model, length: int, samples: int, batch_size: int, seed: int) -> di
     model.eval()
     generator = torch.Generator().manual_seed(10_000 + seed + length)
     depths = [(i + 0.5) / samples for i in range(samples)]
-    whole, digits = [], []
+    whole, digits, by_digit = [], [], [0.0] * 5
     for first in range(0, samples, batch_size):
         part = depths[first : first + batch_size]
         ids, labels = passkey_batch(len(part), length, generator, depths=part)
         logits = model(input_ids=ids, use_cache=False).logits
-        w, d = digit_accuracy(logits, labels)
+        w, d, each = digit_accuracy(logits, labels)
         whole += [w] * len(part)
         digits += [d] * len(part)
-    return {"length": int(ids.shape[1]), "retrieved": sum(whole) / len(whole), "digits": sum(digits) / len(digits)}
+        by_digit = [total + x * len(part) / samples for total, x in zip(by_digit, each)]
+    return {"length": int(ids.shape[1]), "retrieved": sum(whole) / len(whole), "digits": sum(digits) / len(digits),
+            "by_digit": by_digit}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -206,7 +214,9 @@ def main(argv=None) -> None:
                 row["seconds"] = time.perf_counter() - started
                 evals.append(row)
                 print(
-                    f"{name} eval {length:6d}: retrieved {row['retrieved']:.3f}, digits {row['digits']:.3f}", flush=True
+                    f"{name} eval {length:6d}: retrieved {row['retrieved']:.3f}, digits {row['digits']:.3f} "
+                    f"({' '.join(f'{x:.2f}' for x in row['by_digit'])})",
+                    flush=True,
                 )
         results[name] = {"train_curve": curve, "eval": evals}
     print("\n| model | " + " | ".join(f"{n} tokens" for n in args.eval_lens) + " |")
