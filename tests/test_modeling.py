@@ -560,8 +560,16 @@ def test_the_causal_conv_equals_a_depthwise_conv1d(bias, length, channels_last):
     out, expected = conv(x), reference(x)
     assert out.shape == expected.shape == (2, 6, length - 3)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
-    grads = torch.autograd.grad(out.sum(), (x, conv.weight))
-    torch.testing.assert_close(grads, torch.autograd.grad(expected.sum(), (x, reference.weight)), rtol=0, atol=1e-12)
+    upstream = torch.randn_like(out)  # every output step its own gradient, so every tap's term shows
+    # Deterministic mode fills every torch.empty with NaN: a gradient built in uninitialised memory shows
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = torch.autograd.grad((out * upstream).sum(), (x, conv.weight))
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), (x, reference.weight))
+    torch.testing.assert_close(grads, expected_grads, rtol=0, atol=1e-12)
 
 
 def test_the_causal_conv_leaves_a_padded_conv_to_the_kernel():

@@ -11,8 +11,10 @@ from .helpers import initial_state, memory_inputs
 NAMES = ("q", "k", "v", "eta", "log_alpha", "a1", "a2", "gamma", "beta")
 
 
-def outputs_and_gradients(x, rule, handwritten, monkeypatch, mask=None, split=None, channelwise=False, keep=False):
-    """Reads, final state and the gradients of a loss touching all of them, with one backward or the other."""
+def outputs_and_gradients(
+    x, rule, handwritten, monkeypatch, mask=None, split=None, channelwise=False, keep=False, touches=("y", "state")
+):  # fmt: skip
+    """Reads, final state and the gradients of a loss touching them (`touches`), with one backward or the other."""
     if not handwritten:
         monkeypatch.setattr(chunkwise_module, "handwritten_backward", lambda rule, channelwise: False)
     leaves = {n: x[n].clone().requires_grad_() for n in NAMES}
@@ -31,9 +33,11 @@ def outputs_and_gradients(x, rule, handwritten, monkeypatch, mask=None, split=No
     monkeypatch.undo()
     y = torch.cat(ys, dim=2)
     g = torch.Generator().manual_seed(3)
-    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum()
-    loss = loss + 0.1 * (state.a1 * state.a1).sum() + 0.3 * state.a2.sum()
-    grads = torch.autograd.grad(loss, [leaves[n] for n in NAMES])
+    loss = (y * torch.randn(y.shape, generator=g, dtype=y.dtype)).sum() if "y" in touches else 0.0
+    if "state" in touches:
+        loss = loss + 0.1 * (state.a1 * state.a1).sum() + 0.3 * state.a2.sum()
+    grads = torch.autograd.grad(loss, [leaves[n] for n in NAMES], allow_unused=True)
+    grads = [torch.zeros_like(leaves[n]) if grad is None else grad for n, grad in zip(NAMES, grads)]
     return y.detach(), state, dict(zip(NAMES, grads))
 
 
@@ -88,6 +92,20 @@ def test_handwritten_backward_equals_autograd(case, group_rows, monkeypatch):
     assert "chunk_memory" in type(state_hand.a1.grad_fn).__name__
     assert "chunk_memory" not in type(state_auto.a1.grad_fn).__name__
     torch.testing.assert_close(y_hand, y_auto, rtol=0, atol=1e-12)
+    for name in NAMES:
+        scale = auto[name].abs().max().clamp_min(1.0)
+        torch.testing.assert_close(hand[name] / scale, auto[name] / scale, rtol=0, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("touches", [("y",), ("state",)])
+@pytest.mark.parametrize("update_input", [False, True])
+def test_handwritten_backward_when_the_loss_ignores_an_output(touches, update_input, monkeypatch):
+    """Training reads y and drops the final state: the op's backward gets no gradient for it (None, not zeros)."""
+    rule = RuleConfig(chunk_size=8, update_input=update_input)
+    x = memory_inputs(length=32, head_dim=4, width=16)
+    _, state, hand = outputs_and_gradients(x, rule, True, monkeypatch, touches=touches)
+    _, _, auto = outputs_and_gradients(x, rule, False, monkeypatch, touches=touches)
+    assert "chunk_memory" in type(state.a1.grad_fn).__name__
     for name in NAMES:
         scale = auto[name].abs().max().clamp_min(1.0)
         torch.testing.assert_close(hand[name] / scale, auto[name] / scale, rtol=0, atol=1e-10, msg=name)
