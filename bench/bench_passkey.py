@@ -16,10 +16,9 @@ length per batch of --batch-size (32) for --steps (800) at --lr (1e-2, cosine to
 that learns the task at the training length on every seed tried (bench/RESULTS.md, passkey; batches
 of 8 sit on the bag-of-digits plateau for a seed-dependent time). Evaluation: --eval-samples (20) fresh
 samples at each of --eval-lens (default 256, 512, 1024, 4096, 16384) with the key at depths spread
-evenly over the filler. MONETA (the model's defaults)
-against a LlamaForCausalLM (sdpa, RoPE) of the same width, depth and heads with its FFN sized to
-match MONETA's parameter count: the recurrent model carries a state of fixed size, the Llama's RoPE
-positions beyond the trained length are new to it.
+evenly over the filler. MONETA (the model's defaults) against a LlamaForCausalLM (sdpa, RoPE) of the
+same width, depth and heads with its FFN sized to match MONETA's parameter count: the recurrent model
+carries a state of fixed size, the Llama's RoPE positions beyond the trained length are new to it.
 
 `--mixer` swaps MONETA's memory op as in bench_recall.py (`off`: the read disabled; `linear-attention`:
 a plain linear memory in its place, the rest of the model unchanged; its quadratic form suits short
