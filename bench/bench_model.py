@@ -289,24 +289,44 @@ def run_peak_memory(kind: str, seq_len: int, grad_checkpoint: bool, args) -> dic
 
 
 def section_memory(args) -> dict:
+    """Each model's peak in `--memory-runs` fresh processes, the models alternating.
+
+    glibc decides per process whether freed blocks go back to the system (its mmap threshold rises the first time
+    a large mmapped block is freed, and blocks below it then stay in the heap), so the same step's peak RSS takes
+    one of two levels ~20% apart, for both models. One process per model compares whichever levels they drew;
+    the lowest of several is each model's live memory plus its steady fragmentation, the highest the other level.
+    """
     rows = []
     for grad_checkpoint in (False, True) if args.grad_checkpoint else (False,):
         for seq_len in args.memory_seq_lens:
             row = {"seq_len": seq_len, "grad_checkpoint": grad_checkpoint}
+            runs = {kind: [] for kind in MODELS}
+            for _ in range(args.memory_runs):
+                for kind in MODELS:
+                    runs[kind].append(run_peak_memory(kind, seq_len, grad_checkpoint, args))
             for kind in MODELS:
-                row[kind] = run_peak_memory(kind, seq_len, grad_checkpoint, args)
-            row["ratio_moneta_over_llama"] = row["moneta"]["extra"] / max(row["llama"]["extra"], 1)
+                row[kind] = min(runs[kind], key=lambda run: run["extra"])
+                row[kind]["extra_runs"] = [run["extra"] for run in runs[kind]]
+            extras = {kind: row[kind]["extra_runs"] for kind in MODELS}
+            row["ratio_moneta_over_llama"] = min(extras["moneta"]) / max(min(extras["llama"]), 1)
+            row["ratio_highest"] = max(extras["moneta"]) / max(max(extras["llama"]), 1)
             rows.append(row)
     print("\n### Peak training memory at batch 1 (peak RSS in the step - RSS after model + AdamW state)\n")
+    print(f"{args.memory_runs} fresh processes per model; lowest and highest peak of each, and their ratios\n")
+
+    def spread(values):
+        return mib(min(values)) if len(values) == 1 else f"{mib(min(values))}-{mib(max(values))}"
+
     table(
-        ["T", "ckpt", "MONETA MiB", "Llama MiB", "MONETA/Llama", "MONETA base MiB", "Llama base MiB"],
+        ["T", "ckpt", "MONETA MiB", "Llama MiB", "MONETA/Llama lowest", "highest", "MONETA base MiB", "Llama base MiB"],
         [
             [
                 r["seq_len"],
                 "yes" if r["grad_checkpoint"] else "no",
-                mib(r["moneta"]["extra"]),
-                mib(r["llama"]["extra"]),
+                spread(r["moneta"]["extra_runs"]),
+                spread(r["llama"]["extra_runs"]),
                 f"{r['ratio_moneta_over_llama']:.2f}",
+                f"{r['ratio_highest']:.2f}",
                 mib(r["moneta"]["base_rss"]),
                 mib(r["llama"]["base_rss"]),
             ]
@@ -649,6 +669,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--malloc-mmap-threshold", type=int, default=0, help="memory: glibc mmap threshold (bytes) in the workers"
     )
+    parser.add_argument(
+        "--memory-runs", type=int, default=3, help="memory: fresh processes per model (lowest and highest reported)"
+    )
     parser.add_argument("--calib-size", type=int, default=2048, help="matmul size for the fp32 peak")
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--tokens-per-step", type=int, default=8192)
@@ -660,11 +683,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--_peak-memory-worker", nargs=2, metavar=("MODEL", "T"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.memory_runs < 1:
+        parser.error(f"--memory-runs {args.memory_runs}: expected a count of processes >= 1")
     if args.quick:
         args.steps, args.warmup, args.calib_size, args.tokens_per_step = 1, 1, 512, 256
         args.seq_lens = args.memory_seq_lens = args.decode_contexts = [128]
         args.mixer_seq_lens = [64]
         args.per_token_prefix, args.per_token_budget, args.decode_steps = 16, 1.0, 4
+        args.memory_runs = 1
     return args
 
 

@@ -5,11 +5,13 @@ The reference shape of bench_model.py (d=256, 4 layers, 4 heads, d_h=64, FFN 688
 64), one batch of `--batch x --seq-len` tokens after one warm-up step (which also compiles, with --compile),
 fp32 on the CPU. Prints the operators sorted by self CPU time, the share of the step inside MONETA's memory
 op, and the operator count per layer per 1K tokens: the leaf operators that compute (ATen ops with no ATen op
-inside them, views and allocations left out, plus each fused kernel of a compiled graph), the proxy for kernel
-launches on a GPU.
+inside them, views and allocations left out, plus each fused kernel of a compiled graph and each launch of the
+memory's Triton kernels), the proxy for kernel launches on a GPU. The Triton path runs on the CPU under
+TRITON_INTERPRET=1 (its kernels' arithmetic in numpy: minutes per step).
 
   python bench/profile_train_step.py --seq-len 2048 --batch 4 --rows 15
   python bench/profile_train_step.py --model llama --seq-len 8192 --batch 1 --rows 0
+  TRITON_INTERPRET=1 python bench/profile_train_step.py --memory-impl triton --seq-len 2048 --batch 4 --rows 0
 """
 
 from __future__ import annotations
@@ -61,6 +63,38 @@ def is_kernel(event) -> bool:
     return not any(child.name.startswith("aten::") and child.name not in NO_KERNEL for child in event.cpu_children)
 
 
+def label_triton_launches() -> None:
+    """Each launch of the memory's Triton kernels becomes one `triton_<kernel>` event: one kernel on a GPU.
+
+    Under TRITON_INTERPRET=1 (the CPU) the interpreter runs the kernel's programs with numpy and copies the
+    tensors in and out with ATen ops; those copies are the interpreter's, not the GPU's, and the count leaves
+    out everything inside a launch (`kernels_of`)."""
+    from miras.memory import triton_chunk
+
+    launch = triton_chunk._launch
+
+    def labelled_launch(name, *a, **kw):
+        with record_function(f"triton_{name}"):
+            return launch(name, *a, **kw)
+
+    triton_chunk._launch = labelled_launch
+
+
+def kernels_of(events) -> Counter:
+    """The kernels among the profile's events: each leaf operator that computes, each fused kernel, and nothing
+    inside a fused kernel (a compiled graph's kernel runs as one, a Triton launch under the interpreter runs ATen
+    copies that a GPU does not)."""
+    counts = Counter()
+    for event in events:
+        parent, inside = event.cpu_parent, False
+        while parent is not None and not inside:
+            inside = FUSED_KERNEL.match(parent.name) is not None
+            parent = parent.cpu_parent
+        if not inside and is_kernel(event):
+            counts[event.name] += 1
+    return counts
+
+
 def build(kind: str, chunk_size: int, memory_impl: str):
     if kind == "moneta":
         config = MonetaConfig(**SHAPE, num_heads=4, chunk_size=chunk_size, memory_impl=memory_impl)
@@ -102,6 +136,8 @@ def main() -> None:
             return memory(*a, **kw)
 
     modeling.chunkwise_memory = labelled_memory
+    if args.memory_impl == "triton":
+        label_triton_launches()
     ids = torch.randint(0, SHAPE["vocab_size"], (args.batch, args.seq_len))
 
     def step():
@@ -119,7 +155,7 @@ def main() -> None:
         print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     total = next(e for e in averages if e.key == "train_step").cpu_time_total
     in_memory = sum(e.cpu_time_total for e in averages if e.key == "moneta_memory_op")
-    kernels = Counter(event.name for event in prof.events() if is_kernel(event))
+    kernels = kernels_of(prof.events())
     count = sum(kernels.values())
     layers = SHAPE["num_hidden_layers"]
     per_layer_per_1k = count / layers / (args.batch * args.seq_len / 1024)

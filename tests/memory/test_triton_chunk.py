@@ -256,3 +256,44 @@ def test_without_triton_miras_imports_runs_and_memory_impl_triton_falls_back():
         "assert 'miras.memory.triton_chunk' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_training_step_on_the_triton_path_launches_no_operator_per_chunk(monkeypatch):
+    """What bench/profile_train_step.py counts as GPU launches: each Triton launch once (the interpreter's ATen copies
+    inside it not at all), one forward and one backward launch per layer, and as many operators for 4 chunks a row
+    as for 2: nothing of the memory runs chunk by chunk outside the kernels."""
+    from collections import Counter
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from miras.memory import triton_chunk
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[2] / "bench"))
+    import profile_train_step as counter
+
+    monkeypatch.setattr(triton_chunk, "_launch", triton_chunk._launch)  # the labelling below is undone after
+    counter.label_triton_launches()
+    config = MonetaConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_heads=2, intermediate_size=32,
+                          chunk_size=4, memory_impl="triton")  # fmt: skip
+    model = MonetaForCausalLM(config)
+    counts = {}
+    for length in (8, 16):
+        ids = torch.randint(0, 20, (1, length), generator=torch.Generator().manual_seed(0))
+        model.zero_grad(set_to_none=True)  # each step creates the gradients rather than adding to them
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(ids, labels=ids).loss.backward()
+        events = list(prof.events())
+        counts[length] = counter.kernels_of(events)
+
+        def in_launch(event):
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith("triton_"):
+                parent = parent.cpu_parent
+            return parent is not None
+
+        inside = Counter(e.name for e in events if in_launch(e) and counter.is_kernel(e))
+        assert inside  # the interpreter's copies, which a GPU does not run: left out of the count
+        assert counts[length] == Counter(e.name for e in events if counter.is_kernel(e)) - inside
+    assert counts[8]["triton_forward"] == counts[8]["triton_backward"] == 2
+    assert counts[8] == counts[16]
