@@ -98,7 +98,7 @@ def build_model(kind: str, seed: int, grad_checkpoint: bool = False, compile_blo
     if grad_checkpoint:  # block-level activation checkpointing (renamed in transformers 5.x)
         enable = getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)
         enable()
-    if compile_blocks and kind == "moneta":  # as `miras train --compile`: one graph per block, the memory op in it
+    if compile_blocks:  # MONETA as `miras train --compile`: one graph per block, the memory op in it; Llama alike
         for block in model.model.layers:
             block.compile(fullgraph=True)
     return model
@@ -155,7 +155,7 @@ def train_step(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optim
 
 
 def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bool) -> dict:
-    model = build_model(kind, args.seed, grad_checkpoint, args.compile)
+    model = build_model(kind, args.seed, grad_checkpoint, args.compile_llama if kind == "llama" else args.compile)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(args.seed))
@@ -658,6 +658,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--grad-checkpoint", action="store_true", help="also time with block-level checkpointing")
     parser.add_argument(
         "--compile", action="store_true", help="MONETA compiled (fullgraph): train each block, decode the model"
+    )
+    parser.add_argument(
+        "--compile-llama", action="store_true", help="train: Llama's decoder layers compiled too, one graph each"
     )
     parser.add_argument("--memory-impl", default="auto", help="MONETA: MonetaConfig.memory_impl (torch, compiled, ...)")
     parser.add_argument("--memory-checkpoint-group", type=int, default=0, help="MONETA: chunks per outer checkpoint")
