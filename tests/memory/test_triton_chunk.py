@@ -277,6 +277,13 @@ def test_a_training_step_on_the_triton_path_launches_no_operator_per_chunk(monke
     config = MonetaConfig(vocab_size=20, hidden_size=16, num_hidden_layers=2, num_heads=2, intermediate_size=32,
                           chunk_size=4, memory_impl="triton")  # fmt: skip
     model = MonetaForCausalLM(config)
+
+    def in_launch(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("triton_"):
+            parent = parent.cpu_parent
+        return parent is not None
+
     counts = {}
     for length in (8, 16):
         ids = torch.randint(0, 20, (1, length), generator=torch.Generator().manual_seed(0))
@@ -285,13 +292,6 @@ def test_a_training_step_on_the_triton_path_launches_no_operator_per_chunk(monke
             model(ids, labels=ids).loss.backward()
         events = list(prof.events())
         counts[length] = counter.kernels_of(events)
-
-        def in_launch(event):
-            parent = event.cpu_parent
-            while parent is not None and not parent.name.startswith("triton_"):
-                parent = parent.cpu_parent
-            return parent is not None
-
         inside = Counter(e.name for e in events if in_launch(e) and counter.is_kernel(e))
         assert inside  # the interpreter's copies, which a GPU does not run: left out of the count
         assert counts[length] == Counter(e.name for e in events if counter.is_kernel(e)) - inside
