@@ -41,6 +41,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import miras
 from miras.modeling import MonetaMixer
+from miras.train.compiling import AUTO_COMPILE_MIN_STEPS, compile_decision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lm_quality import parse_overrides  # noqa: E402
@@ -155,7 +156,8 @@ def train_step(model: nn.Module, ids: torch.Tensor, optimizer: torch.optim.Optim
 
 
 def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bool) -> dict:
-    model = build_model(kind, args.seed, grad_checkpoint, args.compile_llama if kind == "llama" else args.compile)
+    compiled = args.compile_llama if kind == "llama" else args.compile_moneta
+    model = build_model(kind, args.seed, grad_checkpoint, compiled)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(args.seed))
@@ -247,12 +249,14 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
 
 
-def peak_memory_worker(kind: str, seq_len: int, grad_checkpoint: bool, seed: int) -> dict:
+def peak_memory_worker(kind: str, seq_len: int, grad_checkpoint: bool, seed: int, compile_blocks: bool) -> dict:
     """Build model + AdamW, warm up, then one training step at batch 1.
 
     A warm-up step on one chunk (64 tokens) first allocates the AdamW moments and the libraries'
     lazy state (thread pools, kernel caches), so they count in the base, not in the step.
     extra = peak RSS during the step - RSS before it: activations, gradients and temporaries.
+    compile_blocks: the blocks are compiled after the (eager) warm-up, so the measured step compiles them at its
+    own shape first and its peak holds the compilation's too: a compiled run's highest step.
     """
     model = build_model(kind, seed, grad_checkpoint)
     model.train()
@@ -260,6 +264,9 @@ def peak_memory_worker(kind: str, seq_len: int, grad_checkpoint: bool, seed: int
     generator = torch.Generator().manual_seed(seed)
     train_step(model, torch.randint(0, VOCAB, (1, min(seq_len, CHUNK)), generator=generator), optimizer)
     ids = torch.randint(0, VOCAB, (1, seq_len), generator=generator)
+    if compile_blocks:
+        for block in model.model.layers:
+            block.compile(fullgraph=True)
     gc.collect()
     base = current_rss_bytes()
     reset_peak_rss()
@@ -276,6 +283,7 @@ def run_peak_memory(kind: str, seq_len: int, grad_checkpoint: bool, args) -> dic
     if grad_checkpoint:
         command.append("--grad-checkpoint")
     command += ["--memory-checkpoint-group", str(args.memory_checkpoint_group), "--memory-impl", args.memory_impl]
+    command += ["--compile", "on" if args.compile_moneta else "off"]
     command += ["--model-overrides", *args.model_overrides]
     env = dict(os.environ)
     if args.malloc_mmap_threshold:
@@ -557,9 +565,10 @@ def output_cache(output):
 @torch.no_grad()
 def time_decoding(kind: str, context: int, args) -> dict:
     model = build_model(kind, args.seed).eval()
-    if args.compile and kind == "moneta":
-        # The whole model, one graph per (batch, length) and state layout: per-block graphs would recompile per
-        # layer (each block indexes the cache by its own layer) past Dynamo's recompile limit.
+    if args.compile == "on" and kind == "moneta":
+        # Only when asked: `miras generate` decodes eagerly. The whole model, one graph per (batch, length) and state
+        # layout: per-block graphs would recompile per layer (each block indexes the cache by its own layer) past
+        # Dynamo's recompile limit.
         model = torch.compile(model, fullgraph=True)
     ids = torch.randint(0, VOCAB, (1, context), generator=torch.Generator().manual_seed(args.seed))
     start = time.perf_counter()
@@ -657,7 +666,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--grad-checkpoint", action="store_true", help="also time with block-level checkpointing")
     parser.add_argument(
-        "--compile", action="store_true", help="MONETA compiled (fullgraph): train each block, decode the model"
+        "--compile",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="MONETA compiled (fullgraph), each block for training and peak memory, the model for decoding (on "
+        "only): auto (the default) as `miras train` decides for a long run (on the CPU: on where torch.compile "
+        "works), on, off",
     )
     parser.add_argument(
         "--compile-llama", action="store_true", help="train: Llama's decoder layers compiled too, one graph each"
@@ -697,6 +713,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def moneta_compiles(args) -> tuple[bool, str]:
+    """--compile resolved as `miras train` resolves it for a long CPU run (the benchmark times such a run's steady
+    steps), except that --quick, a seconds-long smoke run, stays eager unless told otherwise."""
+    if args.compile == "auto" and args.quick:
+        return False, "off (auto: --quick)"
+    compiled, why = compile_decision(args.compile, "cpu", AUTO_COMPILE_MIN_STEPS, use_fsdp=False)
+    if args.compile == "auto" and compiled:
+        why = "on (auto: as `miras train` compiles a long CPU run; the warm-up step compiles, untimed)"
+    return compiled, why
+
+
 def main(argv=None) -> None:
     global MEMORY_CHECKPOINT_GROUP, MEMORY_IMPL, MODEL_OVERRIDES
     args = parse_args(argv)
@@ -705,7 +732,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     if args._peak_memory_worker:
         kind, seq_len = args._peak_memory_worker
-        print(json.dumps(peak_memory_worker(kind, int(seq_len), args.grad_checkpoint, args.seed)))
+        compile_blocks = args.compile == "on" and kind == "moneta"  # the parent resolved "auto" for the worker
+        print(json.dumps(peak_memory_worker(kind, int(seq_len), args.grad_checkpoint, args.seed, compile_blocks)))
         return
     import transformers
 
@@ -722,7 +750,10 @@ def main(argv=None) -> None:
         "shape": {"vocab": VOCAB, "hidden": HIDDEN, "layers": LAYERS, "heads": HEADS, "ffn": FFN, "chunk": CHUNK},
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
     }
+    args.compile_moneta, compile_why = moneta_compiles(args)
+    results["moneta_compiled"] = args.compile_moneta
     print(f"# MONETA vs Llama (sdpa), fp32 CPU, {args.threads} threads, torch {torch.__version__}")
+    print(f"MONETA compile: {compile_why}; Llama: {'compiled' if args.compile_llama else 'eager'}")
     print(f"d={HIDDEN}, {LAYERS} layers, {HEADS} heads, FFN {FFN}, vocab {VOCAB}, MONETA chunk {CHUNK}")
     for kind in MODELS:
         model = build_model(kind, args.seed)

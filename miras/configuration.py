@@ -52,8 +52,9 @@ Choices the paper leaves open, decided once here (docs/model.md, "Model choices"
 
 `memory_impl` picks what runs the memory's chunk sequence, not what it computes: "torch" (the
 reference), "triton" (fused kernels, `pip install 'miras[triton]'`; per-head gates without
-inner_grad_clamp, else the torch path with a warning) or "auto" (for now the torch path everywhere:
-the Triton path has not yet been measured on a GPU). miras/memory/dispatch.py has the rules.
+inner_grad_clamp, else the torch path with a warning), "compiled" (the torch path's steps through
+torch.compile) or "auto" (compiled inside a compiled model, else the torch path: the Triton path has not
+yet been measured on a GPU). miras/memory/dispatch.py has the rules.
 """
 
 from __future__ import annotations

@@ -262,7 +262,7 @@ def test_compile_compiles_each_block_in_place_and_keeps_the_state_dict():
 
     args = build_parser().parse_args([*TINY, "--compile", "--memory-impl", "compiled"])
     config = MonetaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, intermediate_size=48)
-    model = build_model(args, config, Start())
+    model = build_model(args, config, Start(), compile_blocks=True)
     assert all(block._compiled_call_impl is not None for block in model.model.layers)
     assert model.config.memory_impl == "compiled"
     assert list(model.state_dict()) == list(MonetaForCausalLM(config).state_dict())

@@ -152,6 +152,19 @@ def test_resume_after_sigkill_is_bit_identical_and_checkpoints_load_with_from_pr
     assert manifest["versions"]["torch"] == torch.__version__ and "model.safetensors" in manifest["files"]
 
 
+def test_compiled_training_resumes_bit_identically_and_evaluates_eagerly(tmp_path):
+    """--compile on, what `--compile auto` picks for a long CPU run: each block compiled by Inductor, the memory's
+    steps too. The resumed process compiles again and must reproduce every loss and weight bit for bit; the
+    periodic evaluation (eager: a cached forward would be one more graph per layer) runs between compiled steps."""
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("".join(f"held-out document {i}: " + "the quick brown fox. " * 5 + "\n" for i in range(3)))
+    extra = ["--compile", "on", "--eval-every", "2", "--eval-dataset", str(held_out)]
+    straight, _ = straight_and_resumed(tmp_path, procs=1, extra=extra)
+    assert "compile on (--compile on)" in straight.stdout
+    assert [step for step, _ in evaluations(tmp_path / "straight")] == [2, 4, 6]
+    assert evaluations(tmp_path / "resumed") == evaluations(tmp_path / "straight")
+
+
 def test_two_process_ddp_resume_is_bit_identical_and_another_world_size_is_refused(tmp_path, capsys):
     straight_and_resumed(tmp_path, procs=2)
     step4 = str(tmp_path / "resumed" / "checkpoints" / "step_00000004")

@@ -13,8 +13,11 @@ module state:
   tests). Where it cannot run, or for a rule it does not cover, the torch path runs instead and a
   warning says why: the same function either way, so a checkpoint trained with "triton" still
   loads and runs on a CPU.
-- "auto": the torch path for now. The Triton path has only been checked under the interpreter;
-  "auto" moves to Triton on CUDA once bench/gpu.sh has measured it correct and faster on a GPU.
+- "auto": follows the model. Inside a model (or block) that torch.compile is tracing, "compiled": the
+  compiled block then runs the memory's steps compiled too, which is what makes compiled training pay
+  on the CPU (bench/RESULTS.md); in eager, the torch path. The Triton path has only been checked under
+  the interpreter; "auto" moves to Triton on CUDA once bench/gpu.sh has measured it correct and faster
+  on a GPU.
 
 One-token decoding (memory_step) always runs the torch path.
 """
@@ -58,7 +61,10 @@ def select_impl(impl: str, device: torch.device, rule: RuleConfig, channelwise: 
         raise ValueError(f"memory implementation {impl!r} is invalid: expected one of {', '.join(IMPLEMENTATIONS)}")
     if impl == "compiled":
         return "compiled"
-    if impl != "triton":
+    if impl == "auto":
+        # Read while Dynamo traces the caller, so the choice is a constant of the compiled graph.
+        return "compiled" if torch.compiler.is_compiling() else "torch"
+    if impl == "torch":
         return "torch"
     reason = triton_unsupported(rule, channelwise) or triton_unavailable(device)
     if reason is not None:

@@ -47,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument_group("model").add_argument
     add("--model-size", default="xs", choices=list(MODEL_SIZE_NAMES), help="size preset (default: xs)")
-    add("--compile", action="store_true", help="torch.compile each block, one graph each (the memory op included)")
+    add(
+        "--compile",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="torch.compile each block, one graph each, the memory's steps compiled inside (memory impl auto): on, "
+        "off, or auto (the default): on for a CPU run planned for at least 2000 steps where torch.compile works, "
+        "off otherwise (compiling costs ~40 s once; bare --compile means on)",
+    )
     add(
         "--memory-impl",
         default=None,

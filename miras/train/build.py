@@ -30,6 +30,7 @@ from ..parallel import shard_model, take_fsdp_request
 from ..storage import StorageError, parse_options
 from ..tokenizer import TokenizerError, load_tokenizer, prepare_for_checkpoints
 from .checks import EXIT_FAILED, TrainingStopped, check_fits, check_shape
+from .compiling import compile_for_training
 
 NO_DECAY_NAMES = (
     ".mixer.eta_alpha_proj.",
@@ -187,8 +188,11 @@ def build_model_config(args, tokenizer) -> MonetaConfig:
         raise TrainingStopped(str(error)) from None
 
 
-def build_model(args, config: MonetaConfig, start: Start) -> MonetaForCausalLM:
-    """The model in fp32, from the checkpoint to resume or start from, else freshly initialised."""
+def build_model(args, config: MonetaConfig, start: Start, compile_blocks: bool = False) -> MonetaForCausalLM:
+    """The model in fp32, from the checkpoint to resume or start from, else freshly initialised.
+
+    compile_blocks: compiling.compile_decision's answer for this run.
+    """
     if start.weights is not None:
         model = MonetaForCausalLM.from_pretrained(start.weights, dtype=torch.float32)
         if start.init_from is not None:
@@ -201,11 +205,12 @@ def build_model(args, config: MonetaConfig, start: Start) -> MonetaForCausalLM:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     model.train()
-    if args.compile:
+    if compile_blocks:
         # One graph per block (torch.compile, fullgraph: the memory is one op in it), compiled in place so that
-        # state dicts and checkpoints are unchanged; what runs inside the memory op is --memory-impl's choice.
+        # state dicts and checkpoints are unchanged; what runs inside the memory op is --memory-impl's choice
+        # ("auto" runs its steps compiled inside a compiled block: memory/dispatch.py).
         for block in model.model.layers:
-            block.compile(fullgraph=True)
+            compile_for_training(block)
     return model
 
 

@@ -51,6 +51,7 @@ from .checks import (
     truncate_metrics,
     warn_about_disk,
 )
+from .compiling import compile_decision
 from .hooks import Hooks
 from .nodes import detect_topology, setup_nodes
 from .state import TrainState
@@ -120,11 +121,12 @@ def train(args, hooks: Hooks | None = None) -> int:
         checkpointer.close()
         raise
 
-    model = build_model(args, model_config, start)
-    model_config = model.config
-    num_parameters = sum(p.numel() for p in model.parameters())
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * world_size
     total_steps = args.max_steps or max(1, args.max_tokens // tokens_per_step)
+    compiled, compile_why = compile_decision(args.compile, accelerator.device.type, total_steps, use_fsdp)
+    model = build_model(args, model_config, start, compile_blocks=compiled)
+    model_config = model.config
+    num_parameters = sum(p.numel() for p in model.parameters())
     warmup = args.warmup_steps if args.warmup_steps is not None else min(2000, max(1, total_steps // 50))
     model, optimizer, scheduler, bare_model, bare_optimizer = wrap_for_training(
         args, accelerator, model, use_fsdp, total_steps, warmup
@@ -139,7 +141,7 @@ def train(args, hooks: Hooks | None = None) -> int:
             "each rank's data stream restarts at the beginning of its new part")  # fmt: skip
 
     record = run_record(args, world_size=world_size, fsdp=use_fsdp, tokens_per_step=tokens_per_step,
-                        total_steps=total_steps, warmup_steps=warmup, num_parameters=num_parameters,
+                        total_steps=total_steps, warmup_steps=warmup, num_parameters=num_parameters, compiled=compiled,
                         model_config=model_config.to_dict(), resumed_from=str(start.resume) if start.resume else None)
     wandb_run = None
     if main_process and not args.dry_run:
@@ -158,7 +160,7 @@ def train(args, hooks: Hooks | None = None) -> int:
         what = f"resuming from {start.resume.name} (step {state.step})" if start.resume else "starting"
         say(f"{args.run_name}: {what}; {num_parameters / 1e6:.1f}M parameters, world size {world_size}"
             f"{' (FSDP2)' if use_fsdp else ''}, {tokens_per_step} tokens/step, {total_steps} steps, "
-            f"precision {accelerator.mixed_precision}")  # fmt: skip
+            f"precision {accelerator.mixed_precision}, compile {compile_why}")  # fmt: skip
 
     stop = StopSignals()
     stop.install()
