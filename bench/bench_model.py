@@ -161,8 +161,10 @@ def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bo
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (batch, seq_len), generator=torch.Generator().manual_seed(args.seed))
-    for _ in range(args.warmup):
+    start = time.perf_counter()
+    for _ in range(args.warmup):  # a compiled model compiles here
         train_step(model, ids, optimizer)
+    warmup_s = time.perf_counter() - start
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -177,6 +179,7 @@ def time_training(kind: str, seq_len: int, batch: int, args, grad_checkpoint: bo
     return {
         "step_s": step_s,
         "step_times_s": times,
+        "warmup_s": warmup_s,
         "tokens_per_s": tokens / step_s,
         "model_gflop_per_step": flops / 1e9,
         "achieved_gflop_per_s": flops / step_s / 1e9,
@@ -198,7 +201,7 @@ def section_train(args) -> dict:
     print(f"\n### Training step (fwd + bwd + AdamW), {args.tokens_per_step} tokens/step, median of {args.steps}")
     print(f"fp32 matmul peak: {args.peak_gflops:.1f} GFLOP/s ({args.calib_size}^2 torch.mm, {args.threads} threads)\n")
     table(
-        ["T", "batch", "ckpt", "MONETA tok/s", "Llama tok/s", "MONETA/Llama", "MONETA MFU", "Llama MFU"],
+        ["T", "batch", "ckpt", "MONETA tok/s", "Llama tok/s", "MONETA/Llama", "MONETA MFU", "Llama MFU", "warm-up s"],
         [
             [
                 r["seq_len"],
@@ -209,6 +212,7 @@ def section_train(args) -> dict:
                 f"{r['ratio_moneta_over_llama']:.3f}",
                 f"{100 * r['moneta']['mfu']:.1f}%",
                 f"{100 * r['llama']['mfu']:.1f}%",
+                f"{r['moneta']['warmup_s']:.1f} / {r['llama']['warmup_s']:.1f}",
             ]
             for r in rows
         ],

@@ -55,15 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "on", "off"],
         help="torch.compile each block, one graph each, the memory's steps compiled inside (memory impl auto): on, "
         "off, or auto (the default): on for a CPU run planned for at least 2000 steps where torch.compile works, "
-        "off otherwise (compiling costs ~40 s once; bare --compile means on)",
+        "off otherwise (compiling costs ~50 s once; bare --compile means on)",
     )
     add(
         "--memory-impl",
         default=None,
         choices=list(MEMORY_IMPLS),
         help="what runs the memory: torch, compiled (its steps through torch.compile), triton (fused kernels, CUDA, "
-        "pip install 'miras[triton]') or auto (for now torch); the function is the same (default: the config's, "
-        "auto for a new run)",
+        "pip install 'miras[triton]') or auto (compiled inside a compiled block, else torch); the function is the "
+        "same (default: the config's, auto for a new run)",
     )
     add("--no-grad-checkpoint", action="store_true", help="disable block activation checkpointing (on by default)")
     add(

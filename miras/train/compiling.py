@@ -1,12 +1,12 @@
 """Whether a training run compiles its blocks (`--compile auto|on|off`), decided once, from the run's plan.
 
 Compiling (each block one graph through torch.compile, the memory's steps compiled inside it) costs a fixed
-time on the first step, ~40 s on the CPU for any model size here, and then saves every step: 8-10% at the bench
-shape (bench/RESULTS.md, "Training throughput"), ~40% of a tiny model's step. It pays back after ~110 steps at
-the bench shape and after ~2,000 for the smallest model, so "auto" compiles a CPU run planned for at least
-AUTO_COMPILE_MIN_STEPS optimizer steps, and nothing shorter (the dry run, a test, a quick try). The decision reads
-only the plan (the device and the total step count), so a resumed run decides as the run it continues did and its
-losses stay the same bit for bit.
+time on the first step, ~50 s on a 2-core CPU with an empty Inductor cache, and then saves every step: 7-11% at
+the bench shape (d=256, T=2048 and 8192), 7.5% at T=256 with block checkpointing (bench/RESULTS.md, "Compiled by
+default on a long CPU run"). It pays back after ~120 steps at the bench shape and ~2,300 at T=256, the smallest
+shape a real run takes, so "auto" compiles a CPU run planned for at least AUTO_COMPILE_MIN_STEPS optimizer steps,
+and nothing shorter (the dry run, a test, a quick try). The decision reads only the plan (the device and the total
+step count), so a resumed run decides as the run it continues did and its losses stay the same bit for bit.
 
 On CUDA "auto" stays eager until bench/gpu.sh has measured compiled training on a GPU; FSDP2 with compiled blocks
 is not exercised by the tests, so "auto" leaves it eager too. "on" compiles wherever asked.
@@ -36,12 +36,12 @@ def compile_decision(choice: str, device_type: str, total_steps: int, use_fsdp: 
         return False, "off (auto: compiled blocks under FSDP2 are not tested)"
     if total_steps < AUTO_COMPILE_MIN_STEPS:
         return False, (
-            f"off (auto: {total_steps} steps; compiling, ~40 s, pays from ~{AUTO_COMPILE_MIN_STEPS} steps on the CPU)"
+            f"off (auto: {total_steps} steps; compiling, ~50 s, pays from ~{AUTO_COMPILE_MIN_STEPS} steps on the CPU)"
         )
     broken = compiler_unavailable()
     if broken is not None:
         return False, f"off (auto: torch.compile does not work here: {broken}; --compile on to insist)"
-    return True, f"on (auto: a CPU run of {total_steps} steps; the first step compiles, ~40 s)"
+    return True, f"on (auto: a CPU run of {total_steps} steps; the first step compiles, ~50 s)"
 
 
 def compiler_unavailable() -> str | None:
