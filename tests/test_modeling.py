@@ -594,13 +594,13 @@ def test_compiled_model_equals_eager_for_a_training_step_and_for_decoding(block_
     around the memory itself) and for one-token decoding steps across a chunk boundary.
 
     Backend aot_eager: what can break a graph or sync the host is in the capture (Dynamo, AOTAutograd), which this
-    runs in full. With block checkpointing (the training default) the memory is the default "auto", which inside
-    a compiled model runs its steps compiled by Inductor: the whole of what a long CPU run executes (`miras train
-    --compile auto`). Without it the memory runs the torch path, sparing ~40 CPU seconds of C++ code generation.
+    runs in full. The memory runs the torch path: inside a compiled model "auto" would compile its steps with
+    Inductor, ~25 CPU seconds of C++ code generation here; that path is checked against eager end to end by
+    tests/test_train_checkpoints.py::test_compiled_training_equals_eager_and_resumes_bit_identically and against
+    the token loop by tests/memory/test_chunkwise.py::test_compiled_memory_equals_token_loop.
     """
     torch._dynamo.reset()
-    model = tiny_model(num_hidden_layers=1, chunk_size=4, memory_impl="auto" if block_checkpointing else "torch")
-    model.train()
+    model = tiny_model(num_hidden_layers=1, chunk_size=4, memory_impl="torch").train()
     if block_checkpointing:
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")

@@ -152,17 +152,32 @@ def test_resume_after_sigkill_is_bit_identical_and_checkpoints_load_with_from_pr
     assert manifest["versions"]["torch"] == torch.__version__ and "model.safetensors" in manifest["files"]
 
 
-def test_compiled_training_resumes_bit_identically_and_evaluates_eagerly(tmp_path):
+def test_compiled_training_equals_eager_and_resumes_bit_identically(tmp_path):
     """--compile on, what `--compile auto` picks for a long CPU run: each block compiled by Inductor, the memory's
-    steps too. The resumed process compiles again and must reproduce every loss and weight bit for bit; the
-    periodic evaluation (eager: a cached forward would be one more graph per layer) runs between compiled steps."""
+    steps compiled inside it. Its losses follow an eager run's to float32 rounding; a new process resuming from
+    its step-4 checkpoint compiles again and reproduces the last two steps, the evaluation and the weights bit for
+    bit; the periodic evaluation runs eagerly between compiled steps."""
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("".join(f"held-out document {i}: " + "the quick brown fox. " * 5 + "\n" for i in range(3)))
-    extra = ["--compile", "on", "--eval-every", "2", "--eval-dataset", str(held_out)]
-    straight, _ = straight_and_resumed(tmp_path, procs=1, extra=extra)
-    assert "compile on (--compile on)" in straight.stdout
-    assert [step for step, _ in evaluations(tmp_path / "straight")] == [2, 4, 6]
-    assert evaluations(tmp_path / "resumed") == evaluations(tmp_path / "straight")
+    common = [*TINY, "--max-steps", "6", "--ckpt-every-steps", "2", "--output-dir", str(tmp_path), "--eval-every",
+              "2", "--eval-dataset", str(held_out)]  # fmt: skip
+    compiled = run([*common, "--compile", "on", "--run-name", "compiled"], hooks=record(tmp_path / "a"))
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "compile on (--compile on)" in compiled.stdout
+    eager = run([*common, "--compile", "off", "--run-name", "eager"])
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    for (step, got), (_, want) in zip(losses(tmp_path / "compiled"), losses(tmp_path / "eager"), strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want), (step, got, want)
+
+    step4 = str(tmp_path / "compiled" / "checkpoints" / "step_00000004")
+    resumed = run([*common, "--compile", "on", "--run-name", "resumed", "--resume", step4],
+                  hooks=record(tmp_path / "b"))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from step_00000004" in resumed.stdout
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "compiled")[4:]  # steps 5 and 6, with ==
+    assert evaluations(tmp_path / "resumed") == evaluations(tmp_path / "compiled")[2:]
+    assert [step for step, _ in evaluations(tmp_path / "compiled")] == [2, 4, 6]
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
 
 
 def test_two_process_ddp_resume_is_bit_identical_and_another_world_size_is_refused(tmp_path, capsys):
