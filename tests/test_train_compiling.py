@@ -16,7 +16,7 @@ from .test_train import TINY, fresh_accelerator_state  # noqa: F401 (the fixture
 
 def test_the_help_states_the_auto_threshold_that_the_code_uses():
     help_text = " ".join(build_parser().format_help().split())
-    assert f"at least {AUTO_COMPILE_MIN_STEPS} steps" in help_text
+    assert f"at least {AUTO_COMPILE_MIN_STEPS} micro-steps" in help_text
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ def test_compile_flag_values(argv, choice):
 def test_auto_compiles_a_long_cpu_run_only():
     assert compile_decision("auto", "cpu", AUTO_COMPILE_MIN_STEPS, use_fsdp=False)[0]
     short, why = compile_decision("auto", "cpu", AUTO_COMPILE_MIN_STEPS - 1, use_fsdp=False)
-    assert not short and f"{AUTO_COMPILE_MIN_STEPS - 1} steps" in why
+    assert not short and f"{AUTO_COMPILE_MIN_STEPS - 1} micro-steps planned" in why
     assert not compile_decision("auto", "cuda", 10**6, use_fsdp=False)[0]
     assert not compile_decision("auto", "cpu", 10**6, use_fsdp=True)[0]
     # What the user names is done whatever the plan.
@@ -51,9 +51,10 @@ def test_auto_stays_eager_where_torch_compile_cannot_build_a_kernel():
 
 
 def test_a_short_run_stays_eager_and_says_so(tmp_path, capsys):
-    args = [*TINY, "--max-steps", "2", "--output-dir", str(tmp_path), "--run-name", "short"]
+    """The plan counts forward-backward passes: 2 optimizer steps of 3 micro-steps each are 6."""
+    args = [*TINY, "--max-steps", "2", "--grad-accum", "3", "--output-dir", str(tmp_path), "--run-name", "short"]
     assert main(args) == 0
-    assert "compile off (auto: 2 steps;" in capsys.readouterr().out
+    assert "compile off (auto: 6 micro-steps planned;" in capsys.readouterr().out
     assert json.loads((tmp_path / "short" / "config.json").read_text())["compiled"] is False
 
 

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "on", "off"],
         help="torch.compile each block, one graph each, the memory's steps compiled inside (memory impl auto): on, "
-        "off, or auto (the default): on for a CPU run planned for at least 2000 steps where torch.compile works, "
+        "off, or auto (the default): on for a CPU run planned for at least 2000 micro-steps (steps x --grad-accum) "
+        "where torch.compile works, "
         "off otherwise (compiling costs ~50 s once; bare --compile means on)",
     )
     add(

@@ -4,9 +4,10 @@ Compiling (each block one graph through torch.compile, the memory's steps compil
 time on the first step, ~50 s on a 2-core CPU with an empty Inductor cache, and then saves every step: 7-11% at
 the bench shape (d=256, T=2048 and 8192), 7.5% at T=256 with block checkpointing (bench/RESULTS.md, "Compiled by
 default on a long CPU run"). It pays back after ~120 steps at the bench shape and ~2,300 at T=256, the smallest
-shape a real run takes, so "auto" compiles a CPU run planned for at least AUTO_COMPILE_MIN_STEPS optimizer steps,
-and nothing shorter (the dry run, a test, a quick try). The decision reads only the plan (the device and the total
-step count), so a resumed run decides as the run it continues did and its losses stay the same bit for bit.
+shape a real run takes, so "auto" compiles a CPU run planned for at least AUTO_COMPILE_MIN_STEPS micro-steps
+(forward-backward passes: optimizer steps times --grad-accum), and nothing shorter (the dry run, a test, a quick
+try). The decision reads only the plan (the device and the planned passes), so a resumed run decides as the run it
+continues did and its losses stay the same bit for bit.
 
 On CUDA "auto" stays eager until bench/gpu.sh has measured compiled training on a GPU; FSDP2 with compiled blocks
 is not exercised by the tests, so "auto" leaves it eager too. "on" compiles wherever asked.
@@ -24,8 +25,12 @@ from ..storage.base import one_line
 AUTO_COMPILE_MIN_STEPS = 2000
 
 
-def compile_decision(choice: str, device_type: str, total_steps: int, use_fsdp: bool) -> tuple[bool, str]:
-    """Whether to compile, and why, in words for the log: "on", "off", or "auto" from the plan."""
+def compile_decision(choice: str, device_type: str, micro_steps: int, use_fsdp: bool) -> tuple[bool, str]:
+    """Whether to compile, and why, in words for the log: "on", "off", or "auto" from the plan.
+
+    micro_steps: the forward-backward passes the run plans, its optimizer steps times --grad-accum (each pass
+    gains from the compilation).
+    """
     if choice == "on":
         return True, "on (--compile on)"
     if choice == "off":
@@ -34,14 +39,15 @@ def compile_decision(choice: str, device_type: str, total_steps: int, use_fsdp: 
         return False, f"off (auto: compiled training is measured on the CPU only, this run is on {device_type})"
     if use_fsdp:
         return False, "off (auto: compiled blocks under FSDP2 are not tested)"
-    if total_steps < AUTO_COMPILE_MIN_STEPS:
+    if micro_steps < AUTO_COMPILE_MIN_STEPS:
         return False, (
-            f"off (auto: {total_steps} steps; compiling, ~50 s, pays from ~{AUTO_COMPILE_MIN_STEPS} steps on the CPU)"
+            f"off (auto: {micro_steps} micro-steps planned; compiling, ~50 s, pays from ~{AUTO_COMPILE_MIN_STEPS} "
+            "on the CPU)"
         )
     broken = compiler_unavailable()
     if broken is not None:
         return False, f"off (auto: torch.compile does not work here: {broken}; --compile on to insist)"
-    return True, f"on (auto: a CPU run of {total_steps} steps; the first step compiles, ~50 s)"
+    return True, f"on (auto: a CPU run of {micro_steps} micro-steps; the first one compiles, ~50 s)"
 
 
 def compiler_unavailable() -> str | None:

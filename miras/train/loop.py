@@ -123,7 +123,8 @@ def train(args, hooks: Hooks | None = None) -> int:
 
     tokens_per_step = args.seq_len * args.batch_size * args.grad_accum * world_size
     total_steps = args.max_steps or max(1, args.max_tokens // tokens_per_step)
-    compiled, compile_why = compile_decision(args.compile, accelerator.device.type, total_steps, use_fsdp)
+    micro_steps = total_steps * args.grad_accum
+    compiled, compile_why = compile_decision(args.compile, accelerator.device.type, micro_steps, use_fsdp)
     model = build_model(args, model_config, start, compile_blocks=compiled)
     model_config = model.config
     num_parameters = sum(p.numel() for p in model.parameters())
