@@ -283,6 +283,7 @@ def time_training(w: Worker, kind: str, size: str, seq_len: int, batch: int, ste
 
     import miras
     from miras.metrics import peak_tflops
+    from miras.train.compiling import compile_for_training
 
     config = moneta_config(size, w.quick, "triton" if kind == "triton" else "torch")
     torch.manual_seed(0)
@@ -293,7 +294,7 @@ def time_training(w: Worker, kind: str, size: str, seq_len: int, batch: int, ste
     model = model.to(w.device).train()
     if kind == "compile":  # as `miras train --compile`: each block one graph (compiled on the first warm-up step)
         for block in model.model.layers:
-            block.compile(fullgraph=True)
+            compile_for_training(block)
     fused = w.device.type == "cuda"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0))

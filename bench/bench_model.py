@@ -41,7 +41,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import miras
 from miras.modeling import MonetaMixer
-from miras.train.compiling import AUTO_COMPILE_MIN_STEPS, compile_decision
+from miras.train.args import COMPILE_CHOICES
+from miras.train.compiling import AUTO_COMPILE_MIN_STEPS, compile_decision, compile_for_training
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_lm_quality import parse_overrides  # noqa: E402
@@ -101,7 +102,7 @@ def build_model(kind: str, seed: int, grad_checkpoint: bool = False, compile_blo
         enable()
     if compile_blocks:  # MONETA as `miras train --compile`: one graph per block, the memory op in it; Llama alike
         for block in model.model.layers:
-            block.compile(fullgraph=True)
+            compile_for_training(block)
     return model
 
 
@@ -270,7 +271,7 @@ def peak_memory_worker(kind: str, seq_len: int, grad_checkpoint: bool, seed: int
     ids = torch.randint(0, VOCAB, (1, seq_len), generator=generator)
     if compile_blocks:
         for block in model.model.layers:
-            block.compile(fullgraph=True)
+            compile_for_training(block)
     gc.collect()
     base = current_rss_bytes()
     reset_peak_rss()
@@ -674,7 +675,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="?",
         const="on",
         default="auto",
-        choices=["auto", "on", "off"],
+        choices=list(COMPILE_CHOICES),
         help="MONETA compiled (fullgraph), each block for training and peak memory, the model for decoding (on "
         "only): auto (the default) as `miras train` decides for a long run (on the CPU: on where torch.compile "
         "works), on, off",

@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import miras.modeling as modeling
 from miras import MonetaConfig, MonetaForCausalLM
+from miras.train.compiling import compile_for_training
 
 SHAPE = dict(vocab_size=4096, hidden_size=256, num_hidden_layers=4, intermediate_size=688)
 
@@ -127,7 +128,7 @@ def main() -> None:
         model.gradient_checkpointing_enable()
     if args.compile:
         for block in model.model.layers:
-            block.compile(fullgraph=True)
+            compile_for_training(block)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     memory = modeling.chunkwise_memory
 

@@ -22,6 +22,17 @@ def tiny_model(seed=0, **overrides):
     return MonetaForCausalLM(tiny_config(**overrides)).eval()
 
 
+def assert_decoding_equals_forward(model, ids, stepper=None, prompt=3):
+    """A prefill of `prompt` tokens, then one-token steps through `stepper` (the model itself by default) with its
+    cache: every step's logits equal the full forward's at that position."""
+    stepper = model if stepper is None else stepper
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model(ids[:, :prompt], use_cache=True).cache
+        steps = [stepper(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(prompt, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, 1), full[:, prompt:], rtol=0, atol=1e-4)
+
+
 def random_ids(batch, length, seed=1, vocab=101):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -613,11 +624,7 @@ def test_compiled_model_equals_eager_for_a_training_step_and_for_decoding(block_
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6, msg=name)
 
     model.eval()
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model(ids[:, :3], use_cache=True).cache
-        steps = [compiled(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(3, 10)]
-    torch.testing.assert_close(torch.cat(steps, 1), full[:, 3:], rtol=0, atol=1e-4)
+    assert_decoding_equals_forward(model, ids, stepper=compiled)
 
 
 def test_a_model_saved_in_the_papers_form_loads_in_it(tmp_path):

@@ -11,6 +11,7 @@ from miras.train import main
 from miras.train.args import build_parser
 from miras.train.compiling import AUTO_COMPILE_MIN_STEPS, compile_decision, compile_for_training
 
+from .test_modeling import assert_decoding_equals_forward
 from .test_train import TINY, fresh_accelerator_state  # noqa: F401 (the fixture resets Accelerate's state)
 
 
@@ -87,9 +88,5 @@ def test_compiled_blocks_train_as_eager_ones_and_evaluate_and_decode_eagerly():
     assert graphs >= 1, graphs  # the training call went through the compiler
 
     model.eval()
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = model(ids[:, :3], use_cache=True).cache
-        steps = [model(ids[:, t : t + 1], cache=cache, use_cache=True).logits for t in range(3, 10)]
-    torch.testing.assert_close(torch.cat(steps, 1), full[:, 3:], rtol=0, atol=1e-4)
+    assert_decoding_equals_forward(model, ids)
     assert counters["stats"]["unique_graphs"] == graphs  # evaluation and decoding compiled nothing

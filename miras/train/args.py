@@ -24,6 +24,7 @@ from ..storage import StorageError, check_destination
 MODEL_SIZE_NAMES = ("xs", "s", "m", "l", "xl")
 MEMORY_IMPLS = ("auto", "torch", "compiled", "triton")
 LQ_NORMS = ("inverse", "scale_free")
+COMPILE_CHOICES = ("auto", "on", "off")  # --compile; miras/train/compiling.py decides "auto"
 
 # The paper's token budgets (MIRAS Table 5 and text); also the cosine schedule's horizon.
 PAPER_TOKEN_BUDGET = {"xs": 100_000_000, "s": 15_000_000_000, "m": 15_000_000_000, "l": 30_000_000_000}
@@ -52,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const="on",
         default="auto",
-        choices=["auto", "on", "off"],
+        choices=list(COMPILE_CHOICES),
         help="torch.compile each block, one graph each, the memory's steps compiled inside (memory impl auto): on, "
         "off, or auto (the default): on for a CPU run planned for at least 2000 micro-steps (steps x --grad-accum) "
         "where torch.compile works, "
